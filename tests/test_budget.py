@@ -1,0 +1,27 @@
+import pytest, torch, torchvision
+from torch import nn
+from fasterai.decompose.all import *
+from fasterai.decompose.budget import decompose
+
+@pytest.mark.parametrize('budget', [0.3, 0.5, 0.7])
+def test_params_budget_hits_target(budget):
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    small = decompose(model, budget=budget, verbose=False)
+    assert abs(n_params(small) / n_params(model) - budget) < 0.01
+    assert small(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+def test_macs_budget_needs_shape_and_hits_target():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16 * 16, 10))
+    with pytest.raises(ValueError, match='input_shape'): decompose(model, budget=0.4, budget_on='macs')
+    small = decompose(model, budget=0.4, budget_on='macs', input_shape=(1, 3, 16, 16), verbose=False)
+    r = decompose.report
+    dense_macs = 3*32*9*256 + 32*64*9*256 + 64*64*9*256 + 64*256*10
+    kept = dense_macs - (r.macs_before.fillna(0) - r.macs_after.fillna(0))[r.status == 'decomposed'].sum()
+    assert abs(kept / dense_macs - 0.4) < 0.02
+
+def test_budget_bad_input():
+    m = nn.Linear(4, 4)
+    for kw, word in [(dict(budget=0), 'budget'), (dict(budget=1.2), 'budget'), (dict(budget_on='flops'), 'budget_on'),
+                     (dict(method='cp'), 'method')]:
+        with pytest.raises(ValueError, match=word): decompose(m, **kw)
