@@ -127,4 +127,11 @@ d = { 'settings': { 'branch': 'main',
                                           'fasterai.decompose.ranks.rank_from_energy': ( 'ranks.html#rank_from_energy',
                                                                                          'fasterai/decompose/ranks.py'),
                                           'fasterai.decompose.ranks.rank_from_percent': ( 'ranks.html#rank_from_percent',
-                                                                                          'fasterai/decompose/ranks.py')}}}
+                                                                                          'fasterai/decompose/ranks.py')},
+            'fasterai.demo': { 'fasterai.demo._block': ('demo.html#_block', 'fasterai/demo.py'),
+                               'fasterai.demo.digits_cnn': ('demo.html#digits_cnn', 'fasterai/demo.py'),
+                               'fasterai.demo.digits_dls': ('demo.html#digits_dls', 'fasterai/demo.py'),
+                               'fasterai.demo.digits_tensors': ('demo.html#digits_tensors', 'fasterai/demo.py'),
+                               'fasterai.demo.latency_ms': ('demo.html#latency_ms', 'fasterai/demo.py'),
+                               'fasterai.demo.main': ('demo.html#main', 'fasterai/demo.py'),
+                               'fasterai.demo.model_macs': ('demo.html#model_macs', 'fasterai/demo.py')}}}
