@@ -13,10 +13,12 @@ from .factorize import *
 from .ranks import *
 from .blocks import *
 from .core import *
+from .calibrate import *
 
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'full_ranks', 'mode_matrices', 'spectrum',
-           'choose_ranks', 'factorize_conv', 'check_explicit_rank', 'sample_runner', 'Conv_Decomposer']
+           'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'check_explicit_rank', 'sample_runner',
+           'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -100,6 +102,36 @@ def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
 BUILDERS = dict(tucker=tucker_block, svd=svd_block, spatial=spatial_block, cp=cp_block)
 
 # %% ../../nbs/05_conv.ipynb #c010
+def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4):
+    "Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the rebuilt weight and the predicted relative error."
+    T, S, *k = W.shape
+    K = math.prod(k)
+    W2 = W.reshape(T, -1).double()
+    if method == 'svd':
+        r = ranks[0]
+        A, B, s = whitened_lowrank(W2, sigma, r)
+        return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
+    r_out, r_in = ranks
+    _, _, U_in, _ = tucker2(W, r_out, r_in, n_iter=n_iter, tol=tol)
+    Ut = torch.kron(U_in.double().T.contiguous(), torch.eye(K, dtype=torch.float64, device=U_in.device))      # (r_in·K, S·K)
+    sz = Ut @ sigma @ Ut.T
+    Lz = whitening(sz)
+    B_full = torch.linalg.solve(Lz @ Lz.T, (W2 @ sigma @ Ut.T).T).T                          # W Σ Ãᵀ (Ã Σ Ãᵀ)⁻¹, ridged
+    A, C, s = whitened_lowrank(B_full, sz, r_out)
+    Wh = (A @ C @ Ut).reshape(W.shape)
+    return (C.reshape(r_out, r_in, *k), A, U_in.double()), Wh, None
+
+def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None):
+    "A function (name, module, work model) → `InputStats` or None: per layer from the partly decomposed model when `sequential`, else all from one pass over `model`."
+    if data is None: return lambda name, m, work: None
+    if not (isinstance(n_batches, int) and n_batches >= 1): raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
+    if sequential: return lambda name, m, work: collect_stats(work, data, {name: m}, n_batches, stop_early=True)[name]
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and supports_stats(m)}
+    if layers is not None: mods = {n: m for n, m in mods.items() if any(n == p or n.startswith(p + '.') for p in layers)}
+    pre = collect_stats(model, data, mods, n_batches)
+    return lambda name, m, work: pre.get(name)
+
+# %% ../../nbs/05_conv.ipynb #c012
 def _nominal_size(conv):
     "A spatial input size for cost comparisons when the real one is unknown."
     n = len(conv.kernel_size)
@@ -124,14 +156,18 @@ def _check_common(model, percent_removed, energy_threshold, ranks, rank, calibra
     if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and d > 0 for d in input_shape)):
         raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
 
-def sample_runner(model, input_shape):
-    "A function running a model on zeros of `input_shape` (on the model's device and dtype)."
+def sample_runner(model, input_shape, data=None):
+    "A function running a model on the first batch of `data`, or on zeros of `input_shape` (on the model's device and dtype)."
+    if data is not None:
+        item = next(iter_batches(data, 1), None)
+        if item is None: raise ValueError('data yielded no batch')
+        return lambda m: run_model(m, item, model_device(m))
     if input_shape is None: return None
     p = next(model.parameters(), None)
     dev, dt = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
     return lambda m: m(torch.zeros(tuple(input_shape), device=dev, dtype=dt))
 
-# %% ../../nbs/05_conv.ipynb #c011
+# %% ../../nbs/05_conv.ipynb #c013
 class Conv_Decomposer(Decomposer):
     "Decompose the convolutions of a model into low-rank blocks."
     kinds, block_type, label = CONV_KINDS, LowRankConv, 'Conv_Decomposer'
@@ -140,7 +176,7 @@ class Conv_Decomposer(Decomposer):
                   energy_threshold: float | None = None, layers=None, exclude=None, n_iter: int = 10, tol: float = 1e-4,
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
-                  verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -150,6 +186,7 @@ class Conv_Decomposer(Decomposer):
         if method == 'cp' and (energy_threshold is not None or rank == 'vbmf'):
             raise ValueError("method='cp' takes percent_removed or ranks=; energy_threshold and rank='vbmf' need an SVD spectrum (use 'tucker', 'svd' or 'spatial')")
         ranks = ranks or {}
+        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
 
         def plan(name, conv, in_shape, work):
             row = dict(method=method)
@@ -157,8 +194,13 @@ class Conv_Decomposer(Decomposer):
             if reason: return None, dict(row, reason=reason)
             W, g = conv.weight.detach(), conv.groups
             full = full_ranks(conv, method)
+            st = stats_for(name, conv, work) if supports_stats(conv) else None
+            L = whitening(st.sigma) if st is not None and method in ('svd', 'tucker') else None
             if name in ranks: r = check_explicit_rank(name, ranks[name], len(full)); r = tuple(clamp_rank(v, f) if method != 'cp' else v for v, f in zip(r, full))
-            else: r = choose_ranks(mode_matrices(W.to(work_dtype(W)), method, g), full, percent_removed, energy_threshold, rank, calibration)
+            else:
+                mats = mode_matrices(W.to(work_dtype(W)), method, g)
+                if L is not None: mats[0] = [mats[0][0].double() @ L]      # output-side rank from the whitened spectrum
+                r = choose_ranks(mats, full, percent_removed, energy_threshold, rank, calibration)
             row['ranks'] = r
             size = tuple(in_shape[2:]) if in_shape else _nominal_size(conv)
             skel = METHOD_LAYERS[method](conv, *r, device='meta')
@@ -168,11 +210,13 @@ class Conv_Decomposer(Decomposer):
             if not allow_growth and (pa >= pb or ma >= mb):
                 what = 'params' if pa >= pb else 'MACs'
                 return None, dict(row, reason=f'would not reduce {what} at ranks {r} ({pa if what == "params" else ma:,} ≥ {pb if what == "params" else mb:,})')
-            facs, Wh = factorize_conv(W, method, r, g, n_iter, tol, cp_iter)
+            if L is not None: facs, Wh, row['predicted_error'] = whitened_conv(W, method, r, st.sigma, n_iter, tol)
+            else: facs, Wh = factorize_conv(W, method, r, g, n_iter, tol, cp_iter)
+            if st is not None: row['output_error'] = output_error(W, Wh.to(W.device), st.sigma.to(W.device))
             if not all(torch.isfinite(f).all() for f in (facs[0] if method == 'cp' else facs)):
                 return None, dict(row, reason='factorization produced NaN/Inf')
             Wf = W.to(Wh.dtype)
             row['weight_error'] = float((Wf - Wh).norm() / Wf.norm().clamp_min(1e-30))
             return BUILDERS[method](conv, *facs), row
 
-        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape), verbose)
+        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)

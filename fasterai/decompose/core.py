@@ -91,7 +91,7 @@ def input_sizes(model: nn.Module, layers: dict, run):
 
 # %% ../../nbs/04_core.ipynb #c011
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after',
-                  'weight_error', 'seconds', 'status', 'reason']
+                  'weight_error', 'predicted_error', 'output_error', 'seconds', 'status', 'reason']
 
 class Decomposer:
     "Base class: walk, select, plan each layer, swap atomically, report."

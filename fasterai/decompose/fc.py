@@ -13,7 +13,8 @@ from .factorize import *
 from .ranks import *
 from .blocks import *
 from .core import *
-from .conv import check_explicit_rank, _check_common, sample_runner, spectrum
+from .calibrate import *
+from .conv import check_explicit_rank, _check_common, sample_runner, spectrum, layer_stats
 
 # %% auto #0
 __all__ = ['linear_positions', 'FC_Decomposer']
@@ -30,16 +31,19 @@ class FC_Decomposer(Decomposer):
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
-                  verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
+        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
 
         def plan(name, lin, in_shape, work):
             row = dict(method='svd')
             W = lin.weight.detach()
             Ww = W.to(work_dtype(W))
+            st = stats_for(name, lin, work)
+            if st is not None: Ww = W.double() @ whitening(st.sigma.to(W.device))       # rank rules see the whitened spectrum
             m, n = W.shape
             full = min(m, n)
             if name in ranks: k = clamp_rank(check_explicit_rank(name, ranks[name], 1)[0], full)
@@ -53,8 +57,14 @@ class FC_Decomposer(Decomposer):
             if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=k * (m + n) * pos)
             if not allow_growth and pa >= pb:
                 return None, dict(row, reason=f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {m * n / (m + n):.0f}')
-            A, B, s = lowrank(Ww, k)
-            row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
+            if st is None:
+                A, B, s = lowrank(Ww, k)
+                row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
+            else:
+                sigma = st.sigma.to(W.device)
+                A, B, s = whitened_lowrank(W, sigma, k)
+                row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
+                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(W, A @ B, sigma)
             return linear_block(lin, A, B), row
 
-        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape), verbose)
+        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
