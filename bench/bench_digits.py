@@ -1,0 +1,59 @@
+"""Accuracy kept on the digits CNN before any fine-tuning: data-aware vs weight-only vs uniform, at the same size.
+
+    .venv/bin/python bench/bench_digits.py
+The trained CNN is cached in bench/_cache/ (git-ignored)."""
+import json, time
+from pathlib import Path
+import torch
+from torch import nn
+from fasterai.demo import digits_tensors, digits_cnn, model_macs
+from fasterai.decompose.all import *
+from fasterai.decompose.budget import decompose
+
+torch.manual_seed(0); torch.set_num_threads(2)
+CACHE = Path(__file__).parent / '_cache'; CACHE.mkdir(exist_ok=True)
+xt, yt, xv, yv = digits_tensors()
+
+def train():
+    f = CACHE / 'digits_cnn.pt'
+    model = digits_cnn()
+    if f.exists(): model.load_state_dict(torch.load(f)); return model.eval()
+    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=1e-4)
+    n = len(xt); steps = 6 * (n // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,))
+        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+    torch.save(model.state_dict(), f)
+    return model.eval()
+
+@torch.no_grad()
+def acc(m): return (m.eval()(xv).argmax(1) == yv).float().mean().item()
+
+model = train()
+base = acc(model)
+calib = xt[:512]
+shape = (1, 1, 32, 32)
+dense_p, dense_m = n_params(model), model_macs(model, shape)
+rows = []
+def record(label, m):
+    rows.append(dict(setting=label, accuracy=acc(m), drop=100 * (base - acc(m)), params=n_params(m) / dense_p, macs=model_macs(m, shape) / dense_m))
+
+for method in ('svd', 'tucker'):
+    record(f'convs, 40% MACs, {method}, data-aware', decompose(model, budget=0.4, budget_on='macs', input_shape=shape, method=method, fc=False, data=calib, verbose=False))
+    record(f'convs, 40% MACs, {method}, weight-only', decompose(model, budget=0.4, budget_on='macs', input_shape=shape, method=method, fc=False, verbose=False))
+    record(f'convs+FC, 50% params, {method}, data-aware', decompose(model, budget=0.5, method=method, data=calib, verbose=False))
+    record(f'convs+FC, 50% params, {method}, weight-only', decompose(model, budget=0.5, method=method, verbose=False))
+for p in (0.5, 0.6):
+    m = Conv_Decomposer().decompose(model, percent_removed=p, method='tucker', verbose=False)
+    record(f'convs uniform percent_removed={p}, tucker, weight-only', m)
+    m = Conv_Decomposer().decompose(model, percent_removed=p, method='tucker', data=calib, verbose=False)
+    record(f'convs uniform percent_removed={p}, tucker, data-aware', m)
+
+print(f'dense accuracy {base:.4f}, params {dense_p:,}, MACs {dense_m:,}\n')
+print(f'| setting | accuracy | drop (points) | params kept | MACs kept |\n|---|---|---|---|---|')
+for r in rows: print(f"| {r['setting']} | {r['accuracy']:.4f} | {r['drop']:.2f} | {r['params']:.1%} | {r['macs']:.1%} |")
+(Path(__file__).parent / 'results').mkdir(exist_ok=True)
+(Path(__file__).parent / 'results' / 'digits.json').write_text(json.dumps(dict(dense=base, rows=rows), indent=1))
