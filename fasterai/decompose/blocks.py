@@ -57,10 +57,10 @@ def _finish(block, layer, weights, bias, source=''):
     "Load `weights` into the block's layers, the original bias into the last one, and copy dtype/device/grad/mode."
     w = layer.weight
     block.source = source
+    block.to(device=w.device, dtype=w.dtype)                 # cast first: float64 factors stay float64
     with torch.no_grad():
         for m, wt in zip(block, weights): m.weight.copy_(wt.reshape(m.weight.shape))
         if bias is not None: block[-1].bias.copy_(bias)
-    block.to(device=w.device, dtype=w.dtype)
     for p in block.parameters():
         p.data = p.data.contiguous()
         p.requires_grad_(w.requires_grad)
@@ -153,4 +153,6 @@ def block_macs(block, in_size):
         if not isinstance(m, nn.Linear): size = conv_out_size(m, size)
     return total
 
-def n_params(m): return sum(p.numel() for p in m.parameters())
+def n_params(m):
+    "Number of parameters of `m` (uninitialized lazy parameters count 0)."
+    return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in m.parameters())

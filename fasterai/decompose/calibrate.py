@@ -1,4 +1,4 @@
-"""Input statistics from a few batches, and the whitened (data-aware) low-rank factorization they allow.
+"""Input statistics from a few batches, and the whitened (data-aware) low-rank factorizations they allow.
 
 Docs: https://fasterai.github.io/fasterai/calibrate.html.md"""
 
@@ -6,128 +6,310 @@ Docs: https://fasterai.github.io/fasterai/calibrate.html.md"""
 
 # %% ../../nbs/03_calibrate.ipynb #c003
 from __future__ import annotations
-import math
+import math, warnings
+from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .factorize import *
+from .factorize import _subspace_change
 
 # %% auto #0
-__all__ = ['iter_batches', 'run_model', 'model_device', 'conv_patches', 'layer_inputs', 'supports_stats', 'InputStats',
-           'collect_stats', 'whitening', 'whitened_lowrank', 'output_error', 'predicted_error']
+__all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
+           'supports_stats', 'InputStats', 'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error',
+           'predicted_error', 'whitened_channel_svd', 'whitened_tucker2']
 
-# %% ../../nbs/03_calibrate.ipynb #c005
+# %% ../../nbs/03_calibrate.ipynb #c006
+def _is_fastai_dls(data): return hasattr(data, 'train') and hasattr(data, 'valid') and hasattr(data, 'loaders')
+
+def _as_item(b, n_inp=1):
+    "One batch as ('args', tuple) or ('kwargs', dict)."
+    if isinstance(b, Mapping): return ('kwargs', dict(b))
+    if isinstance(b, (tuple, list)):
+        if b and isinstance(b[0], Mapping): return ('kwargs', dict(b[0]))
+        return ('args', tuple(b[:max(n_inp, 1)]))
+    return ('args', (b,))
+
 def iter_batches(data, n_batches: int | None = None, bs: int = 32):
-    "Model inputs from a tensor (split in batches of `bs`), a DataLoader or iterable (tensors, tuples: first item, dicts: keywords), or fastai `DataLoaders` (its train set)."
-    if hasattr(data, 'train') and hasattr(data, 'valid'): data = data.train
+    "Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or iterable, or fastai `DataLoaders`."
+    if n_batches is not None and n_batches < 0: raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
+    if _is_fastai_dls(data): data = data.train
+    n_inp = getattr(data, 'n_inp', 1) or 1
     it = data.split(bs) if isinstance(data, torch.Tensor) else data
     for i, b in enumerate(it):
         if n_batches is not None and i >= n_batches: break
-        if isinstance(b, dict): yield ('kwargs', b)
-        elif isinstance(b, (tuple, list)): yield ('args', (b[0],))
-        else: yield ('args', (b,))
+        yield _as_item(b, n_inp)
 
+# %% ../../nbs/03_calibrate.ipynb #c007
 def _to(v, device):
-    return v.to(device) if isinstance(v, torch.Tensor) and device is not None else v
-
-def run_model(model, item, device=None):
-    "Run `model` on one item of `iter_batches`."
-    kind, v = item
-    if kind == 'kwargs': return model(**{k: _to(t, device) for k, t in v.items()})
-    return model(*[_to(t, device) for t in v])
+    if isinstance(v, torch.Tensor): return v.to(device)
+    if isinstance(v, Mapping): return {k: _to(t, device) for k, t in v.items()}
+    if isinstance(v, (tuple, list)): return type(v)(_to(t, device) for t in v)
+    return v
 
 def model_device(model):
+    "The device of `model`'s first parameter (or buffer); None when it has neither."
     p = next(model.parameters(), None)
+    if p is None: p = next(model.buffers(), None)
     return p.device if p is not None else None
 
-# %% ../../nbs/03_calibrate.ipynb #c006
+def run_model(model, item, device=None):
+    "Call `model` on one item of `iter_batches`, its tensors moved to `device` (default: the model's)."
+    kind, v = item
+    device = device if device is not None else model_device(model)
+    if device is not None: v = _to(v, device)
+    return model(**v) if kind == 'kwargs' else model(*v)
+
+# %% ../../nbs/03_calibrate.ipynb #c012
 _PAD_MODES = dict(zeros='constant', reflect='reflect', replicate='replicate', circular='circular')
+CONV_STAT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def conv_pads(conv):
+    "(before, after) padding per spatial dim of `conv`, with 'same' and 'valid' resolved."
+    n = len(conv.kernel_size)
+    if isinstance(conv.padding, str):
+        if conv.padding == 'valid': return [(0, 0)] * n
+        tot = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return [(t // 2, t - t // 2) for t in tot]
+    return [(p, p) for p in conv.padding]
 
 def conv_patches(conv, x):
-    "im2col patches (N, S·∏k) of a Conv1d/Conv2d input, matching `conv.weight.reshape(T, -1)` columns."
+    "im2col patches (N, S·∏k) of `conv`'s input `x`, columns ordered as `conv.weight.reshape(T, -1)` (groups side by side)."
     n = len(conv.kernel_size)
-    if n == 1: x, k, s, d = x.unsqueeze(2), (1,) + conv.kernel_size, (1,) + conv.stride, (1,) + conv.dilation
-    else: k, s, d = conv.kernel_size, conv.stride, conv.dilation
-    if conv.padding == 'same':
-        tot = [dd * (kk - 1) for dd, kk in zip(conv.dilation, conv.kernel_size)]
-        pads = [(t // 2, t - t // 2) for t in tot]
-    elif conv.padding == 'valid': pads = [(0, 0)] * n
-    else: pads = [(p, p) for p in conv.padding]
-    if n == 1: pads = [(0, 0)] + pads
-    flat = [v for pr in reversed(pads) for v in pr]
+    if x.dim() == n + 1: x = x.unsqueeze(0)                                 # unbatched input
+    flat = [v for pr in reversed(conv_pads(conv)) for v in pr]
     if any(flat): x = F.pad(x, flat, mode=_PAD_MODES[conv.padding_mode])
-    cols = F.unfold(x, k, dilation=d, stride=s)                    # (B, S·∏k, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)                             # window dims go last
+        if d > 1: x = x[..., ::d]
+    C = x.shape[1]
+    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))       # (B, *out, C, *k)
+    return x.reshape(-1, C * math.prod(conv.kernel_size))
 
 def layer_inputs(m, x):
-    "The rows the layer multiplies by its weight: Linear inputs over all leading dims, or conv patches."
+    "The rows `m` multiplies by its weight: Linear inputs over all leading dims, or conv patches."
     if isinstance(m, nn.Linear): return x.reshape(-1, m.in_features)
     return conv_patches(m, x)
 
-def supports_stats(m) -> bool:
-    "Can input statistics be gathered for `m`? (Linear, and ungrouped Conv1d/Conv2d.)"
-    return isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1)
+def supports_stats(m, grouped: bool = False) -> bool:
+    "Can input statistics be gathered for `m`? Linear and Conv1d/2d/3d (grouped convs only if `grouped`)."
+    return isinstance(m, nn.Linear) or (isinstance(m, CONV_STAT_TYPES) and (grouped or m.groups == 1))
 
-# %% ../../nbs/03_calibrate.ipynb #c008
+# %% ../../nbs/03_calibrate.ipynb #c017
 class InputStats:
-    "Running second moment E[x xᵀ] (float64) of the rows a layer multiplies by its weight."
-    def __init__(self): self.sum, self.n = None, 0
-    def update(self, rows):
-        rows = rows.detach()
-        g = rows.T.float() @ rows.float() if rows.dtype != torch.float64 else rows.T @ rows
-        self.sum = g.double() if self.sum is None else self.sum + g.double()
-        self.n += rows.shape[0]
-    @property
-    def sigma(self): return self.sum / max(self.n, 1)
+    "Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by its weight."
+    chunk_elems = 2 ** 24
+    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma = groups, 0, None
 
+    def update(self, rows):
+        "Fold rows (N, g·d) into the running mean of x xᵀ."
+        rows = rows.detach()
+        if rows.dtype != torch.float64: rows = rows.float()
+        nb = rows.shape[0]
+        if nb == 0: return
+        R = rows.reshape(nb, self.groups, -1).transpose(0, 1)              # (g, N, d)
+        G = R.transpose(1, 2) @ R
+        if self.groups == 1: G = G[0]
+        if self._sigma is None: self._sigma = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
+        n = self.n + nb
+        self._sigma.mul_(self.n / n).add_(G, alpha=1 / n)
+        self.n = n
+
+    def add(self, module, x):
+        "Fold in one input batch `x` of `module` (Linear or conv), chunked to at most ~`chunk_elems` row entries at a time."
+        if isinstance(module, nn.Linear):
+            rows = x.reshape(-1, module.in_features)
+            for c in rows.split(max(1, self.chunk_elems // module.in_features)): self.update(c)
+            return
+        if x.dim() == len(module.kernel_size) + 1: x = x.unsqueeze(0)
+        per = max(1, x[0].numel() * math.prod(module.kernel_size))       # ≈ patch entries per sample
+        for c in x.split(max(1, self.chunk_elems // per)): self.update(conv_patches(module, c))
+
+    @property
+    def sigma(self):
+        "Σ: (d, d), or (groups, d, d) for a grouped conv."
+        if self._sigma is None: raise ValueError('InputStats has seen no inputs')
+        return self._sigma
+
+    def __repr__(self): return f'InputStats(n={self.n}, sigma={None if self._sigma is None else tuple(self._sigma.shape)})'
+
+# %% ../../nbs/03_calibrate.ipynb #c021
 class _Stop(Exception): pass
 
-def collect_stats(model, data, modules: dict, n_batches: int = 8, stop_early: bool = False):
-    "Input second moments of `modules` (name → module of `model`) over `n_batches` of `data`; the model is left as it was."
-    stats = {n: InputStats() for n in modules}
-    hooks, modes = [], {m: m.training for m in model.modules()}
-    last = list(modules)[-1] if modules else None
+def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=None, stop_early: bool = False) -> dict:
+    "Input second moments (`InputStats`) of `modules` (name → module of `model`) over `n_batches` of `data`; the model is left as it was."
+    for n, m in modules.items():
+        if not supports_stats(m, grouped=True): raise TypeError(f'{n!r}: input statistics need nn.Linear or nn.Conv1d/2d/3d, got {type(m).__name__}')
+    stats = {n: InputStats(1 if isinstance(m, nn.Linear) else m.groups) for n, m in modules.items()}
+    modes = {m: m.training for m in [*model.modules(), *modules.values()]}
+    seen, hooks = set(), []
     def hook(name, m):
-        def f(mod, args):
-            stats[name].update(layer_inputs(m, args[0]))
-            if stop_early and name == last: raise _Stop()
+        def f(mod, args, kwargs):
+            stats[name].add(m, args[0] if args else kwargs['input'])
+            seen.add(name)
+            if stop_early and len(seen) == len(stats): raise _Stop()
         return f
-    dev = model_device(model)
+    device = device if device is not None else model_device(model)
     try:
-        for n, m in modules.items(): hooks.append(m.register_forward_pre_hook(hook(n, m)))
+        for n, m in modules.items(): hooks.append(m.register_forward_pre_hook(hook(n, m), with_kwargs=True))
         model.eval()
         with torch.no_grad():
             for item in iter_batches(data, n_batches):
-                try: run_model(model, item, dev)
+                seen.clear()
+                try: run_model(model, item, device)
                 except _Stop: pass
     finally:
         for h in hooks: h.remove()
         for m, t in modes.items(): m.training = t
+    empty = [n for n, s in stats.items() if s.n == 0]
+    if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
 
-# %% ../../nbs/03_calibrate.ipynb #c010
+# %% ../../nbs/03_calibrate.ipynb #c026
 def whitening(sigma, ridge: float = 1e-6):
-    "A square root L (L Lᵀ = Σ + ridge·tr(Σ)/d·I): Cholesky, or a clamped eigendecomposition when that fails."
-    d = sigma.shape[0]
-    S = sigma.double()
-    S = S + ridge * (S.diagonal().sum() / d).clamp_min(1e-30) * torch.eye(d, dtype=S.dtype, device=S.device)
+    "A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped eigendecomposition; batched over groups."
+    if sigma.dim() == 3: return torch.stack([whitening(s, ridge) for s in sigma])
+    S = sigma.detach().double()
+    d = S.shape[0]
+    if not torch.isfinite(S).all(): raise ValueError('sigma has NaN/Inf entries')
+    tr = float(S.diagonal().sum())
+    if tr <= 0: return torch.eye(d, dtype=S.dtype, device=S.device)
+    lam = ridge * tr / d
+    S = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
     L, info = torch.linalg.cholesky_ex(S)
     if int(info) == 0 and torch.isfinite(L).all(): return L
     ev, V = torch.linalg.eigh(S)
-    return V * ev.clamp_min(ev.max() * 1e-12).sqrt()
+    floor = max(lam, float(ev.max()) * d * torch.finfo(S.dtype).eps)
+    return V * ev.clamp_min(floor).sqrt()
+
+def unwhiten(B, L):
+    "B @ L⁻¹ by a triangular solve (a general solve for a non-triangular root); never an explicit inverse."
+    B = B.to(L.dtype)
+    if bool((L.triu(1) == 0).all()): return torch.linalg.solve_triangular(L, B, upper=False, left=False)
+    return torch.linalg.solve(L, B, left=False)
+
+# %% ../../nbs/03_calibrate.ipynb #c030
+def _eig_top(G, r):
+    "Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric PSD `G`."
+    ev, V = torch.linalg.eigh((G + G.T) / 2)
+    ev, V = ev.flip(0), V.flip(1)
+    return V[:, :r].contiguous(), ev.clamp_min(0).sqrt()
+
+def _split(A, B, s):
+    "Spread `s` as √s over both factors (`A` has unit columns, `B` unit whitened rows)."
+    root = s.clamp_min(0).sqrt()
+    safe = root > root.max().clamp_min(torch.finfo(root.dtype).tiny) * 1e-12 if len(root) else root > 0
+    root = torch.where(safe, root, torch.ones_like(root))
+    return (A * root).contiguous(), (B / root[:, None]).contiguous()
 
 def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6):
-    "Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for inputs with second moment `sigma`; and the whitened singular values."
-    L = whitening(sigma, ridge)
-    A, B_, s = lowrank(M.double() @ L, r)
-    B = torch.linalg.solve_triangular(L, B_, upper=False, left=False) if bool((L.triu(1) == 0).all()) else B_ @ torch.linalg.pinv(L)
+    "Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for x of second moment `sigma`; and the singular values of M·L."
+    M = M.detach().double()
+    m, n = M.shape
+    if not 0 <= r <= min(m, n): raise ValueError(f'rank must be in [0, {min(m, n)}], got {r}')
+    S = sigma.detach().to(M.device, torch.float64)
+    if S.shape != (n, n): raise ValueError(f'sigma must be {n}×{n}, got {tuple(S.shape)}')
+    tr = float(S.diagonal().sum())
+    if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
+    if tr <= 0: return lowrank(M, r)                                        # no signal: the weight-only answer
+    if m <= n:
+        U, s = _eig_top((M @ S) @ M.T + (ridge * tr / n) * (M @ M.T), r)    # M Σ' Mᵀ
+        A, B = _split(U, U.T @ M, s[:r])                                    # Uᵀ M's rows have whitened norm s
+        return A, B, s
+    L = whitening(S, ridge)
+    V, s = leading_subspace((M @ L).T, r)                                   # right singular vectors of M·L
+    sr = s[:r]
+    nz = torch.where(sr > 0, sr, torch.ones_like(sr))
+    A, B = _split(M @ (L @ V) / nz, unwhiten(V.T, L) * nz[:, None], sr)
     return A, B, s
 
 def output_error(W, W_hat, sigma):
-    "Relative output error sqrt(tr(EΣEᵀ) / tr(WΣWᵀ)) of `W_hat` for inputs with second moment `sigma`."
-    W, E = W.reshape(W.shape[0], -1).double(), (W - W_hat).reshape(W.shape[0], -1).double()
-    return float(((E @ sigma) * E).sum().clamp_min(0).sqrt() / ((W @ sigma) * W).sum().clamp_min(1e-300).sqrt())
+    "Relative output error sqrt(tr(EΣEᵀ)/tr(WΣWᵀ)), E = W − Ŵ (rows: outputs), for `sigma` (d, d) or per group (g, d, d)."
+    g = 1 if sigma.dim() == 2 else sigma.shape[0]
+    S = sigma.to(W.device, torch.float64).reshape(g, *sigma.shape[-2:])
+    W2 = W.detach().double().reshape(g, W.shape[0] // g, -1)
+    E = W2 - W_hat.detach().to(W.device, torch.float64).reshape(W2.shape)
+    num, den = ((E @ S) * E).sum(), ((W2 @ S) * W2).sum()
+    return float(num.clamp_min(0).sqrt() / den.clamp_min(1e-300).sqrt())
 
 def predicted_error(s, r: int):
-    "Relative output error predicted from whitened singular values `s` at rank `r`."
-    return float(s[r:].pow(2).sum().sqrt() / s.pow(2).sum().clamp_min(1e-300).sqrt())
+    "Relative output error predicted by whitened singular values `s` (or a list, one per group) at rank `r`."
+    ss = s if isinstance(s, (list, tuple)) else [s]
+    lost, tot = sum(float(t[r:].pow(2).sum()) for t in ss), sum(float(t.pow(2).sum()) for t in ss)
+    return math.sqrt(lost / tot) if tot > 0 else 0.0
+
+# %% ../../nbs/03_calibrate.ipynb #c036
+def _group_sigma(sigma, groups, d):
+    "Σ as (groups, d, d): a per-group stack as is, or the diagonal blocks of a full patch Σ."
+    if sigma.dim() == 3:
+        if tuple(sigma.shape) != (groups, d, d): raise ValueError(f'sigma must be ({groups}, {d}, {d}), got {tuple(sigma.shape)}')
+        return sigma
+    if tuple(sigma.shape) == (groups * d, groups * d):
+        return torch.stack([sigma[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(groups)])
+    raise ValueError(f'sigma of shape {tuple(sigma.shape)} does not fit {groups} group(s) of {d} inputs')
+
+def whitened_channel_svd(W, sigma, r: int, groups: int = 1, ridge: float = 1e-6):
+    "`channel_svd` of conv weight `W` (T, S/g, *k) minimizing the output error for patch second moment `sigma` (per group); float64."
+    T, Sg, *k = W.shape
+    d = Sg * math.prod(k)
+    sig = _group_sigma(sigma, groups, d)
+    firsts, seconds, svals = [], [], []
+    for Wg, Sgm in zip(W.detach().double().reshape(groups, T // groups, d), sig):
+        A, B, s = whitened_lowrank(Wg, Sgm, r, ridge)
+        firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
+    return torch.cat(firsts), torch.cat(seconds), svals
+
+# %% ../../nbs/03_calibrate.ipynb #c041
+def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1, ridge: float = 1e-6):
+    "`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second moment `sigma`; float64, `info['error']` the predicted relative error."
+    if groups != 1: raise NotImplementedError('whitened_tucker2 handles groups=1 only')
+    T, S, *k = W.shape
+    K = math.prod(k); d = S * K
+    if not (1 <= r_out <= T and 1 <= r_in <= S): raise ValueError(f'ranks must be in [1, {T}] × [1, {S}], got ({r_out}, {r_in})')
+    Wd = W.detach().double()
+    Sig = _group_sigma(sigma.detach().to(Wd.device, torch.float64), 1, d)[0]
+    tr = float(Sig.diagonal().sum())
+    if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
+    core, U_out, U_in, _ = tucker2(W.detach(), r_out, r_in, n_iter=n_iter, tol=tol)   # weight-only HOOI: the start
+    if tr <= 0: return core.double(), U_out.double(), U_in.double(), dict(iterations=0, error=0.0, errors=[])   # no signal
+    U_in = torch.linalg.qr(U_in.to(Wd.device, torch.float64)).Q
+    lam = ridge * tr / d
+    W2 = Wd.reshape(T, d)
+    total = float(((W2 @ Sig) * W2).sum()) + lam * float(W2.pow(2).sum())    # tr(W Σ' Wᵀ)
+    eyeK = torch.eye(K, dtype=torch.float64, device=Wd.device)
+
+    def fit_out(U):
+        "Exact U_out and core for input factor `U`, and the output energy they capture."
+        ri = U.shape[1]
+        PS = (U.T @ Sig.view(S, K * d)).view(ri * K, d)                       # P Σ (Σ is symmetric)
+        Sz = torch.einsum('isk,sb->ibk', PS.view(ri * K, S, K), U).reshape(ri * K, ri * K) + lam * torch.kron(U.T @ U, eyeK)
+        WSP = W2 @ PS.T + lam * torch.einsum('tsk,sb->tbk', Wd.reshape(T, S, K), U).reshape(T, ri * K)   # W Σ' Pᵀ
+        Lz, bad = torch.linalg.cholesky_ex((Sz + Sz.T) / 2)
+        Bs = torch.linalg.lstsq(Sz, WSP.T).solution.T if int(bad) else torch.cholesky_solve(WSP.T, Lz).T
+        Q, sv = _eig_top(WSP @ Bs.T, r_out)
+        return Q, Q.T @ Bs, float(sv[:r_out].pow(2).sum())
+
+    S4 = Sig.view(S, K, S, K)                                                 # separable model Σ ≈ Σ_c ⊗ Σ_k
+    Lc, Lk = whitening(S4.diagonal(dim1=1, dim2=3).sum(-1), ridge), whitening(S4.diagonal(dim1=0, dim2=2).sum(-1), ridge)
+
+    def fit_in(Q):
+        "Input factor for output factor `Q`: HOOI step in (Σ_c, Σ_k)-whitened coordinates, orthonormalized."
+        Vt = (Lc.T @ (Q.T @ W2).view(-1, S, K)) @ Lk
+        G = Vt.transpose(0, 1).reshape(S, -1)
+        Ut, _ = _eig_top(G @ G.T, r_in)
+        return torch.linalg.qr(unwhiten(Ut.T, Lc).T).Q                      # span of L_c⁻ᵀ Ũ
+
+    if r_in >= S: U_in = torch.eye(S, dtype=torch.float64, device=Wd.device)
+    best, errors, it = None, [], 0
+    for it in range(1, max(n_iter, 1) + 1):
+        Q, C, cap = fit_out(U_in)
+        errors.append(math.sqrt(max(total - cap, 0) / total))
+        if best is None or cap > best[3]: best = (Q, C, U_in, cap)
+        if r_in >= S: break                                                   # U_in is then optimal: done
+        U_new = fit_in(Q)
+        done = _subspace_change(U_new, U_in) < tol
+        U_in = U_new
+        if done: break
+    Q, C, U_in, cap = best
+    info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
+    return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info

@@ -111,15 +111,8 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4):
         r = ranks[0]
         A, B, s = whitened_lowrank(W2, sigma, r)
         return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
-    r_out, r_in = ranks
-    _, _, U_in, _ = tucker2(W, r_out, r_in, n_iter=n_iter, tol=tol)
-    Ut = torch.kron(U_in.double().T.contiguous(), torch.eye(K, dtype=torch.float64, device=U_in.device))      # (r_in·K, S·K)
-    sz = Ut @ sigma @ Ut.T
-    Lz = whitening(sz)
-    B_full = torch.linalg.solve(Lz @ Lz.T, (W2 @ sigma @ Ut.T).T).T                          # W Σ Ãᵀ (Ã Σ Ãᵀ)⁻¹, ridged
-    A, C, s = whitened_lowrank(B_full, sz, r_out)
-    Wh = (A @ C @ Ut).reshape(W.shape)
-    return (C.reshape(r_out, r_in, *k), A, U_in.double()), Wh, None
+    core, U_out, U_in, info = whitened_tucker2(W, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
+    return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
 
 def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None):
     "A function (name, module, work model) → `InputStats` or None: per layer from the partly decomposed model when `sequential`, else all from one pass over `model`."
@@ -186,6 +179,8 @@ class Conv_Decomposer(Decomposer):
         if method == 'cp' and (energy_threshold is not None or rank == 'vbmf'):
             raise ValueError("method='cp' takes percent_removed or ranks=; energy_threshold and rank='vbmf' need an SVD spectrum (use 'tucker', 'svd' or 'spatial')")
         ranks = ranks or {}
+        self._ranks_keys, self._ranks_alias = set(ranks), {}
+        if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
 
         def plan(name, conv, in_shape, work):
@@ -196,7 +191,8 @@ class Conv_Decomposer(Decomposer):
             full = full_ranks(conv, method)
             st = stats_for(name, conv, work) if supports_stats(conv) else None
             L = whitening(st.sigma) if st is not None and method in ('svd', 'tucker') else None
-            if name in ranks: r = check_explicit_rank(name, ranks[name], len(full)); r = tuple(clamp_rank(v, f) if method != 'cp' else v for v, f in zip(r, full))
+            given = self.explicit_rank(ranks, name)
+            if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f) if method != 'cp' else max(1, v) for v, f in zip(r, full))
             else:
                 mats = mode_matrices(W.to(work_dtype(W)), method, g)
                 if L is not None: mats[0] = [mats[0][0].double() @ L]      # output-side rank from the whitened spectrum

@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from .blocks import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'check_names', 'input_sizes', 'Decomposer']
+__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'check_names', 'safe_deepcopy', 'input_sizes',
+           'Decomposer']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -47,11 +48,11 @@ def _reads_weight(parent, attr):
 # %% ../../nbs/04_core.ipynb #c006
 def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
     "Why layer `m` (an instance of `base`) must be left as it is, or None."
+    w = getattr(m, 'weight', None)
+    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter): return 'weight not initialized'
     if type(m).forward is not base.forward: return f'{type(m).__name__} overrides forward'
     if parametrize.is_parametrized(m): return 'weight is parametrized'
     if m._forward_hooks or m._forward_pre_hooks: return 'has forward hooks (e.g. weight_norm/spectral_norm)'
-    w = getattr(m, 'weight', None)
-    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter): return 'weight not initialized'
     if not w.is_floating_point(): return f'weight dtype {w.dtype} is not floating point'
     if any(id(p) in shared for p in m.parameters(recurse=False)): return 'weight shared with another module'
     for parent, attr, _ in owners.get(id(m), []):
@@ -64,13 +65,21 @@ def check_names(model: nn.Module, names, arg: str):
     "`names` (a str or a list of str) as a list; raise a ValueError naming `arg` for names not in `model`."
     if names is None: return None
     if isinstance(names, str): names = [names]
-    known = dict(model.named_modules())
+    known = dict(model.named_modules(remove_duplicate=False))
     for n in names:
         if not isinstance(n, str): raise TypeError(f'{arg} must hold qualified module names (str), got {n!r}')
         if n not in known:
             close = difflib.get_close_matches(n, [k for k in known if k], n=5, cutoff=0.5)
             raise ValueError(f'{arg}: no module named {n!r} in the model' + (f'; close names: {close}' if close else ''))
     return list(names)
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    "`copy.deepcopy`, also for modules holding non-leaf tensors as plain attributes (old-style `weight_norm`)."
+    memo = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not v.is_leaf: memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
 
 def _under(name, prefixes): return any(name == p or name.startswith(p + '.') or p == '' for p in prefixes)
 
@@ -99,15 +108,25 @@ class Decomposer:
     block_type: type = LowRankBlock
     label = 'Decomposer'
     report: pd.DataFrame = None
+    _ranks_keys, _ranks_alias = (), {}
+
+    def explicit_rank(self, ranks: dict, name: str):
+        "The explicit rank given for `name` or one of its aliases, or None."
+        if name in ranks: return ranks[name]
+        alias = self._ranks_alias.get(name)
+        return ranks.get(alias) if alias is not None else None
 
     def candidates(self, model, layers=None, exclude=None):
         "(name, module) for each handled layer, deduplicated, in registration order; and blocks already made."
         layers, exclude = check_names(model, layers, 'layers'), check_names(model, exclude, 'exclude')
+        aliases = defaultdict(list)                                  # a module registered twice has two names
+        for n, m in model.named_modules(remove_duplicate=False): aliases[id(m)].append(n)
         out, blocks = [], []
         for name, m in model.named_modules():
             if any(name.startswith(b + '.') for b, _ in blocks if b) or any(b == '' for b, _ in blocks): continue
-            if layers is not None and not _under(name, layers): continue
-            if exclude is not None and _under(name, exclude): continue
+            names = aliases[id(m)]
+            if layers is not None and not any(_under(n, layers) for n in names): continue
+            if exclude is not None and any(_under(n, exclude) for n in names): continue
             if isinstance(m, LowRankBlock):
                 blocks.append((name, m)); continue
             if isinstance(m, self.kinds): out.append((name, m))
@@ -119,7 +138,7 @@ class Decomposer:
         hooks see the partly decomposed model), and only a complete, checked result reaches an in-place caller."""
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if not isinstance(inplace, bool): raise TypeError(f'inplace must be True or False, got {inplace!r}')
-        work = copy.deepcopy(model)
+        work = safe_deepcopy(model)
         cands, done = self.candidates(work, layers, exclude)
         owners, shared = find_owners(work), shared_params(work)
         shapes = input_sizes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
@@ -131,6 +150,9 @@ class Decomposer:
             base = next(k for k in self.kinds if isinstance(m, k))
             row = dict(name=name, type=type(m).__name__, params_before=n_params(m))
             reason = skip_reason(m, base, owners, shared)
+            if reason is None and name not in self._ranks_keys:     # explicit ranks may name any alias
+                alias = next((o[2] for o in owners.get(id(m), []) if o[2] in self._ranks_keys), None)
+                if alias is not None: self._ranks_alias[name] = alias
             t0 = time.perf_counter()
             block = None
             if reason is None: block, extra = plan_layer(name, m, shapes.get(name), work); row.update(extra)

@@ -36,6 +36,7 @@ class FC_Decomposer(Decomposer):
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
+        self._ranks_keys, self._ranks_alias = set(ranks), {}
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
 
         def plan(name, lin, in_shape, work):
@@ -46,7 +47,8 @@ class FC_Decomposer(Decomposer):
             if st is not None: Ww = W.double() @ whitening(st.sigma.to(W.device))       # rank rules see the whitened spectrum
             m, n = W.shape
             full = min(m, n)
-            if name in ranks: k = clamp_rank(check_explicit_rank(name, ranks[name], 1)[0], full)
+            given = self.explicit_rank(ranks, name)
+            if given is not None: k = clamp_rank(check_explicit_rank(name, given, 1)[0], full)
             elif rank == 'vbmf': k = calibrate_rank(evbmf_rank(spectrum(Ww), W.shape), full, calibration)
             elif energy_threshold is not None: k = rank_from_energy(spectrum(Ww), energy_threshold)
             else: k = rank_from_percent(full, percent_removed)
