@@ -17,9 +17,10 @@ from .conv import *
 from .conv import sample_runner, _nominal_size
 from .fc import *
 from .fc import linear_positions
+from .calibrate import *
 
 # %% auto #0
-__all__ = ['LayerPlan', 'allocate', 'plan_layers', 'decompose']
+__all__ = ['LayerPlan', 'allocate', 'plan_layers', 'whitened_spectra', 'decompose']
 
 # %% ../../nbs/07_budget.ipynb #c005
 class LayerPlan:
@@ -106,22 +107,41 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
+def whitened_spectra(model, data, n_batches, method, cands):
+    "A function (name, layer) → spectra per rank slot of the whitened weight (output side), from one calibration pass."
+    mods = {n: m for n, m in cands.items() if supports_stats(m)}
+    stats = collect_stats(model, data, mods, n_batches)
+    def f(name, m):
+        st = stats.get(name)
+        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')): return None
+        W = m.weight.detach().double()
+        Wl = W.reshape(W.shape[0], -1) @ whitening(st.sigma.to(W.device))
+        if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
+        return [spectrum(Wl), spectrum(mode_matrices(W, 'tucker', 1)[1][0])]
+    return f
+
+# %% ../../nbs/07_budget.ipynb #c010
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
               fc: bool = True, layers=None, exclude=None, *, input_shape=None, inplace: bool = False, verbose: bool = True, **kwargs):
     """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of its parameters
-    (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape`). Returns the new model;
-    `decompose.report` holds the per-layer rows."""
+    (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
+    (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware.
+    Returns the new model; `decompose.report` holds the per-layer rows."""
     if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
     if method not in ('svd', 'tucker', 'spatial'): raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
-    if budget_on == 'macs' and input_shape is None: raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) to count MACs")
+    if budget_on == 'macs' and input_shape is None and kwargs.get('data') is None:
+        raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) or data= to count MACs")
     run = sample_runner(model, input_shape)
     cands = {}
     for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
         cands.update(dec.candidates(model, layers, exclude)[0])
+    data = kwargs.get('data')
+    if data is not None and run is None: run = sample_runner(model, None, data)
     shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, None, layers, exclude)
+    spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands) if data is not None else None
+    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
     if not plans: raise ValueError('no layer of the model can be decomposed')
     total_all = fixed + sum(p.dense for p in plans)
     ranks, cost, _ = allocate(plans, budget * total_all, fixed)

@@ -6,6 +6,7 @@ Docs: https://fasterai.github.io/fasterai/calibrate.html.md"""
 
 # %% ../../nbs/03_calibrate.ipynb #c003
 from __future__ import annotations
+import copy
 import math, warnings
 from collections.abc import Mapping
 import torch
@@ -17,7 +18,8 @@ from .factorize import _subspace_change
 # %% auto #0
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
            'supports_stats', 'InputStats', 'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error',
-           'predicted_error', 'whitened_channel_svd', 'whitened_tucker2']
+           'predicted_error', 'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats',
+           'compensated_target']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data): return hasattr(data, 'train') and hasattr(data, 'valid') and hasattr(data, 'loaders')
@@ -313,3 +315,52 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     Q, C, U_in, cap = best
     info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
+
+# %% ../../nbs/03_calibrate.ipynb #c048
+class PairStats:
+    "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
+    def __init__(self): self.sum, self.cross_sum, self.n = None, None, 0
+    def update(self, x, xt):
+        x, xt = x.detach().double(), xt.detach().double()
+        g, c = xt.T @ xt, x.T @ xt
+        self.sum = g if self.sum is None else self.sum + g
+        self.cross_sum = c if self.cross_sum is None else self.cross_sum + c
+        self.n += x.shape[0]
+    @property
+    def sigma(self): return self.sum / max(self.n, 1)
+    @property
+    def cross(self): return self.cross_sum / max(self.n, 1)
+
+def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
+    "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."
+    st, got, hooks = PairStats(), {}, []
+    modes = {m: m.training for m in [*ref_model.modules(), *model.modules()]}
+    def hook(key, m):
+        def f(mod, args, kwargs):
+            got[key] = layer_inputs(m, args[0] if args else kwargs['input'])
+            raise _Stop()
+        return f
+    try:
+        hooks += [ref_module.register_forward_pre_hook(hook('ref', ref_module), with_kwargs=True),
+                  module.register_forward_pre_hook(hook('new', module), with_kwargs=True)]
+        ref_model.eval(); model.eval()
+        with torch.no_grad():
+            for item in iter_batches(data, n_batches):
+                got.clear()
+                for key, m in (('ref', ref_model), ('new', model)):
+                    try: run_model(m, item, model_device(m))
+                    except _Stop: pass
+                if len(got) == 2 and got['ref'].shape == got['new'].shape: st.update(got['ref'], got['new'])
+    finally:
+        for h in hooks: h.remove()
+        for m, t in modes.items(): m.training = t
+    return st
+
+def compensated_target(W, st: PairStats, ridge: float = 1e-6):
+    "M = W C Σ̃⁻¹: the weight that best maps the decomposed model's inputs to the original outputs."
+    S = st.sigma
+    d = S.shape[0]
+    lam = ridge * float(S.diagonal().sum()) / d
+    Sr = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
+    W2 = W.reshape(W.shape[0], -1).double().to(S.device)
+    return torch.linalg.solve(Sr, (W2 @ st.cross).T).T

@@ -17,8 +17,8 @@ from .calibrate import *
 
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'full_ranks', 'mode_matrices', 'spectrum',
-           'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'check_explicit_rank', 'sample_runner',
-           'Conv_Decomposer']
+           'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'layer_target', 'check_explicit_rank',
+           'sample_runner', 'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -114,15 +114,24 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4):
     core, U_out, U_in, info = whitened_tucker2(W, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
 
-def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None):
-    "A function (name, module, work model) → `InputStats` or None: per layer from the partly decomposed model when `sequential`, else all from one pass over `model`."
+def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None, compensate=True):
+    """A function (name, module, work model) → statistics or None. Sequential: from the partly decomposed model, as
+    `PairStats` against the original model when `compensate` (so the layer fits the original outputs), else `InputStats`;
+    not sequential: `InputStats` of all layers from one pass over `model`."""
     if data is None: return lambda name, m, work: None
     if not (isinstance(n_batches, int) and n_batches >= 1): raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
+    if sequential and compensate:
+        orig = dict(model.named_modules())
+        return lambda name, m, work: collect_pair_stats(model, work, data, orig[name], m, n_batches)
     if sequential: return lambda name, m, work: collect_stats(work, data, {name: m}, n_batches, stop_early=True)[name]
     mods = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and supports_stats(m)}
     if layers is not None: mods = {n: m for n, m in mods.items() if any(n == p or n.startswith(p + '.') for p in layers)}
     pre = collect_stats(model, data, mods, n_batches)
     return lambda name, m, work: pre.get(name)
+
+def layer_target(W, st):
+    "The weight a layer should fit: `W`, or with `PairStats` the compensated W C Σ̃⁻¹ (same shape, float64)."
+    return compensated_target(W, st).reshape(W.shape) if isinstance(st, PairStats) and st.n else W
 
 # %% ../../nbs/05_conv.ipynb #c012
 def _nominal_size(conv):
@@ -169,7 +178,7 @@ class Conv_Decomposer(Decomposer):
                   energy_threshold: float | None = None, layers=None, exclude=None, n_iter: int = 10, tol: float = 1e-4,
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
-                  data=None, n_batches: int = 8, sequential: bool = True, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = True, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -181,7 +190,7 @@ class Conv_Decomposer(Decomposer):
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
-        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
+        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
 
         def plan(name, conv, in_shape, work):
             row = dict(method=method)
@@ -190,11 +199,13 @@ class Conv_Decomposer(Decomposer):
             W, g = conv.weight.detach(), conv.groups
             full = full_ranks(conv, method)
             st = stats_for(name, conv, work) if supports_stats(conv) else None
+            if st is not None and st.n == 0: st = None
             L = whitening(st.sigma) if st is not None and method in ('svd', 'tucker') else None
+            Wt = layer_target(W, st) if L is not None else W                 # what the block should reproduce
             given = self.explicit_rank(ranks, name)
             if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f) if method != 'cp' else max(1, v) for v, f in zip(r, full))
             else:
-                mats = mode_matrices(W.to(work_dtype(W)), method, g)
+                mats = mode_matrices(Wt.to(work_dtype(W)), method, g)
                 if L is not None: mats[0] = [mats[0][0].double() @ L]      # output-side rank from the whitened spectrum
                 r = choose_ranks(mats, full, percent_removed, energy_threshold, rank, calibration)
             row['ranks'] = r
@@ -206,9 +217,9 @@ class Conv_Decomposer(Decomposer):
             if not allow_growth and (pa >= pb or ma >= mb):
                 what = 'params' if pa >= pb else 'MACs'
                 return None, dict(row, reason=f'would not reduce {what} at ranks {r} ({pa if what == "params" else ma:,} ≥ {pb if what == "params" else mb:,})')
-            if L is not None: facs, Wh, row['predicted_error'] = whitened_conv(W, method, r, st.sigma, n_iter, tol)
+            if L is not None: facs, Wh, row['predicted_error'] = whitened_conv(Wt, method, r, st.sigma, n_iter, tol)
             else: facs, Wh = factorize_conv(W, method, r, g, n_iter, tol, cp_iter)
-            if st is not None: row['output_error'] = output_error(W, Wh.to(W.device), st.sigma.to(W.device))
+            if st is not None: row['output_error'] = output_error(Wt, Wh.to(W.device), st.sigma.to(W.device))
             if not all(torch.isfinite(f).all() for f in (facs[0] if method == 'cp' else facs)):
                 return None, dict(row, reason='factorization produced NaN/Inf')
             Wf = W.to(Wh.dtype)

@@ -14,7 +14,7 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .calibrate import *
-from .conv import check_explicit_rank, _check_common, sample_runner, spectrum, layer_stats
+from .conv import check_explicit_rank, _check_common, sample_runner, spectrum, layer_stats, layer_target
 
 # %% auto #0
 __all__ = ['linear_positions', 'FC_Decomposer']
@@ -31,20 +31,22 @@ class FC_Decomposer(Decomposer):
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
-                  data=None, n_batches: int = 8, sequential: bool = True, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = True, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
-        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude)
+        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
 
         def plan(name, lin, in_shape, work):
             row = dict(method='svd')
             W = lin.weight.detach()
             Ww = W.to(work_dtype(W))
             st = stats_for(name, lin, work)
-            if st is not None: Ww = W.double() @ whitening(st.sigma.to(W.device))       # rank rules see the whitened spectrum
+            if st is not None and st.n == 0: st = None
+            Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
+            if st is not None: Ww = Wt.double() @ whitening(st.sigma.to(W.device))      # rank rules see the whitened spectrum
             m, n = W.shape
             full = min(m, n)
             given = self.explicit_rank(ranks, name)
@@ -64,9 +66,9 @@ class FC_Decomposer(Decomposer):
                 row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
             else:
                 sigma = st.sigma.to(W.device)
-                A, B, s = whitened_lowrank(W, sigma, k)
+                A, B, s = whitened_lowrank(Wt, sigma, k)
                 row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
-                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(W, A @ B, sigma)
+                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wt, A @ B, sigma)
             return linear_block(lin, A, B), row
 
         return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
