@@ -114,7 +114,7 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4):
     core, U_out, U_in, info = whitened_tucker2(W, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
 
-def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None, compensate=True):
+def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None, compensate=False):
     """A function (name, module, work model) → statistics or None. Sequential: from the partly decomposed model, as
     `PairStats` against the original model when `compensate` (so the layer fits the original outputs), else `InputStats`;
     not sequential: `InputStats` of all layers from one pass over `model`."""
@@ -178,7 +178,7 @@ class Conv_Decomposer(Decomposer):
                   energy_threshold: float | None = None, layers=None, exclude=None, n_iter: int = 10, tol: float = 1e-4,
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
-                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = True, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')

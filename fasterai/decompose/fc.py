@@ -31,7 +31,7 @@ class FC_Decomposer(Decomposer):
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
-                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = True, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
