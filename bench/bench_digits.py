@@ -6,7 +6,17 @@ import json, time
 from pathlib import Path
 import torch
 from torch import nn
-from fasterai.demo import digits_tensors, digits_cnn, model_macs
+from fasterai.data.digits import digits_arrays
+from fasterai.demo import model_macs
+
+def digits_tensors(): return digits_arrays(size=32, seed=0)
+
+def _block(ni, nf): return [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
+
+def digits_cnn(w=32):
+    "The 5-conv VGG-style CNN this benchmark was measured on (273k params, 28.7M MACs)."
+    return nn.Sequential(*_block(1, w), *_block(w, w), nn.MaxPool2d(2), *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),
+                         *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * w, 256), nn.ReLU(inplace=True), nn.Linear(256, 10))
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
 

@@ -6,104 +6,98 @@ Docs: https://fasterai.github.io/fasterai/demo.html.md"""
 
 # %% ../nbs/10_demo.ipynb #c003
 from __future__ import annotations
-import time, statistics
-import numpy as np
+import copy, time, statistics, warnings
 import torch
-import torch.nn.functional as F
 from torch import nn
-from .decompose.all import *
+warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)   # raised by fastai's import on recent torch
+from .data.digits import *
+from .decompose.blocks import n_params
+from .decompose.learner import *
+
+digits_tensors = digits_arrays      # its name here before `fasterai.data.digits` existed (bench/bench_digits.py imports it)
 
 # %% auto #0
-__all__ = ['digits_tensors', 'digits_dls', 'digits_cnn', 'latency_ms', 'model_macs', 'main']
+__all__ = ['digits_tensors', 'latencies_ms', 'model_macs', 'measure', 'summary_table', 'report_table', 'main']
 
-# %% ../nbs/10_demo.ipynb #c005
-def digits_tensors(size: int = 32, seed: int = 0, valid_pct: float = 0.2):
-    "scikit-learn's digits as (x_train, y_train, x_valid, y_valid): 1×`size`×`size` images, normalized, fixed stratified split."
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(d.target, dtype=torch.long)
-    itr, iva = train_test_split(np.arange(len(y)), test_size=valid_pct, random_state=seed, stratify=d.target)
-    return x[itr], y[itr], x[iva], y[iva]
-
-def digits_dls(size: int = 32, bs: int = 64, seed: int = 0):
-    "fastai `DataLoaders` over the digits."
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    xt, yt, xv, yv = digits_tensors(size, seed)
-    train = DataLoader(list(zip(xt, yt)), bs=bs, shuffle=True, drop_last=True)
-    valid = DataLoader(list(zip(xv, yv)), bs=2 * bs)
-    return DataLoaders(train, valid)
-
-def _block(ni, nf): return [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
-
-def digits_cnn(n_classes: int = 10, width: int = 32):
-    "A small VGG-style CNN for 1×32×32 inputs."
-    w = width
-    return nn.Sequential(*_block(1, w), *_block(w, w), nn.MaxPool2d(2),
-                         *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),
-                         *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(16 * w, 256), nn.ReLU(inplace=True), nn.Linear(256, n_classes))
-
-# %% ../nbs/10_demo.ipynb #c006
-def latency_ms(model, x, repeats: int = 30):
-    "Median CPU latency of `model(x)` in milliseconds."
-    model.eval()
+# %% ../nbs/10_demo.ipynb #c007
+def latencies_ms(models: dict, x: torch.Tensor, repeats: int = 30) -> dict:
+    "Median latency in milliseconds of each model of `models` (name → model) on `x`, timed in turns, in eval mode under `torch.inference_mode`."
+    for m in models.values(): m.eval()
+    ts = {k: [] for k in models}
     with torch.inference_mode():
-        for _ in range(3): model(x)
-        ts = []
+        for m in models.values():
+            for _ in range(3): m(x)                                  # warm-up
         for _ in range(repeats):
-            t = time.perf_counter(); model(x); ts.append(time.perf_counter() - t)
-    return 1000 * statistics.median(ts)
+            for k, m in models.items():
+                t = time.perf_counter(); m(x); ts[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in ts.items()}
 
-def model_macs(model, input_shape):
-    "Multiply-accumulates of one forward pass at `input_shape`, from torch's FLOP counter."
+def model_macs(model: nn.Module, input_shape) -> int:
+    "Multiply-accumulates of one forward pass on zeros of `input_shape`, from torch's FLOP counter (FLOPs / 2)."
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
     with FlopCounterMode(display=False) as fc, torch.no_grad(): model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
     return fc.get_total_flops() // 2
 
-# %% ../nbs/10_demo.ipynb #c007
-def main(epochs: int = 4, seed: int = 42):
-    "Train on digits, decompose with defaults, fine-tune one epoch, print before/after."
+def measure(learn, input_shape=(1, 1, 32, 32)) -> dict:
+    "Validation accuracy, parameters and MACs per image of `learn.model`."
+    with learn.no_bar(): acc = float(learn.validate()[1])
+    return dict(accuracy=acc, params=n_params(learn.model), macs=model_macs(learn.model, tuple(input_shape)))
+
+# %% ../nbs/10_demo.ipynb #c010
+_COLS = [('accuracy', '{:.4f}', 10), ('params', '{:,}', 11), ('macs', '{:,}', 12), ('ms_bs1', '{:.2f}', 11), ('ms_bs64', '{:.2f}', 12)]
+_HEAD = dict(accuracy='accuracy', params='params', macs='MACs', ms_bs1='ms (bs 1)', ms_bs64='ms (bs 64)')
+
+def summary_table(rows) -> str:
+    "A fixed-width table of (label, `measure` dict) rows, with the last row's ratios to the first."
+    lines = [f'{"":<26}' + ''.join(f'{_HEAD[k]:>{w}}' for k, _, w in _COLS)]
+    for label, r in rows: lines.append(f'{label:<26}' + ''.join(f'{f.format(r[k]):>{w}}' for k, f, w in _COLS))
+    (_, a), (_, b) = rows[0], rows[-1]
+    lines.append(f'{"last / first":<26}' + f'{b["accuracy"] - a["accuracy"]:>+10.4f}' +
+                 ''.join(f'{b[k] / a[k]:>{w}.1%}' for k, _, w in _COLS[1:]))
+    return '\n'.join(lines)
+
+def report_table(rep) -> str:
+    "The decomposition report, compactly."
+    cols = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after', 'output_error', 'status']
+    r = rep[[c for c in cols if c in rep.columns]].copy()
+    for c in ('params_before', 'params_after', 'macs_before', 'macs_after'):
+        if c in r: r[c] = r[c].map(lambda v: '' if v != v else f'{int(v):,}')
+    if 'output_error' in r: r['output_error'] = r['output_error'].map(lambda v: '' if v != v else f'{v:.3f}')
+    return r.to_string(index=False)
+
+def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 1e-3, seed: int = 0, threads: int | None = 1):
+    "Train the digits CNN with fastai, `learn.decompose()` it, fine-tune one epoch with `fit_one_cycle`; print before/after."
     from fastai.learner import Learner
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
-    import fastai.callback.schedule, fastai.callback.progress   # fit_one_cycle, no_bar
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from fastai.callback.schedule import fit_one_cycle
+    if threads: torch.set_num_threads(threads)
     set_seed(seed)
-    dls = digits_dls()
-    learn = Learner(dls, digits_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3)
-    def acc():
-        with learn.no_bar(): return float(learn.validate()[1])
-    x1, x64 = torch.randn(1, 1, 32, 32), torch.randn(64, 1, 32, 32)
-    def stats(m): return dict(accuracy=acc(), params=n_params(m), macs=model_macs(m, (1, 1, 32, 32)),
-                              lat1=latency_ms(m, x1), lat64=latency_ms(m, x64))
-    dense = learn.model
-    before = stats(dense)
-    print(f'trained digits CNN: accuracy {before["accuracy"]:.4f}, {before["params"]:,} params')
-    cd, fd = Conv_Decomposer(), FC_Decomposer()
-    small = cd.decompose(dense, input_shape=(1, 1, 32, 32))
-    small = fd.decompose(small, input_shape=(1, 1, 32, 32), inplace=True)
-    import pandas as pd
-    rep = pd.concat([cd.report, fd.report], ignore_index=True)
-    with pd.option_context('display.width', 160, 'display.max_columns', 20):
-        print(rep[['name', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after', 'weight_error', 'status', 'reason']].to_string(index=False))
-    learn.model = small
-    learn.opt = None
-    decomposed = stats(small)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
-    tuned = stats(small)
-    rows = [('dense', before), ('decomposed', decomposed), ('+1 epoch fit_one_cycle', tuned)]
-    print(f'\n{"model":<24}{"accuracy":>10}{"params":>12}{"MACs":>14}{"ms (bs 1)":>11}{"ms (bs 64)":>12}')
-    for n, s in rows:
-        print(f'{n:<24}{s["accuracy"]:>10.4f}{s["params"]:>12,}{s["macs"]:>14,}{s["lat1"]:>11.2f}{s["lat64"]:>12.2f}')
+    learn = Learner(digits_dls(seed=seed), digits_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    t0 = time.perf_counter()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    nt = torch.get_num_threads()
+    print(f'trained the digits CNN: {epochs} epochs of fit_one_cycle in {time.perf_counter() - t0:.1f} s '
+          f'({nt} CPU thread{"s" if nt > 1 else ""})')
+    dense, dense_model = measure(learn), learn.model
+    print(f'dense: validation accuracy {dense["accuracy"]:.4f}, {dense["params"]:,} params\n')
+    t0 = time.perf_counter()
+    with learn.no_bar(): rep = learn.decompose()              # works on a copy: `dense_model` stays dense
+    print(f'learn.decompose() took {time.perf_counter() - t0:.1f} s:\n{report_table(rep)}\n')
+    decomposed = measure(learn)
+    dec_model = copy.deepcopy(learn.model)                    # as it was before fine-tuning
+    t0 = time.perf_counter()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, ft_lr)
+    print(f'fine-tuned: 1 epoch of fit_one_cycle in {time.perf_counter() - t0:.1f} s\n')
+    tuned = measure(learn)
+    rows = [('dense', dense), ('decomposed', decomposed), ('+1 epoch fit_one_cycle', tuned)]
+    models = dict(zip([label for label, _ in rows], [dense_model, dec_model, learn.model]))
+    for bs in (1, 64):
+        for label, ms in latencies_ms(models, torch.randn(bs, 1, 32, 32)).items(): dict(rows)[label][f'ms_bs{bs}'] = ms
+    print(summary_table(rows))
     return rows
 
-# %% ../nbs/10_demo.ipynb #c008
+# %% ../nbs/10_demo.ipynb #c012
 from fastcore.imports import IN_NOTEBOOK
 if __name__ == '__main__' and not IN_NOTEBOOK: main()

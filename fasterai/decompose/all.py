@@ -6,7 +6,8 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 
 # %% auto #0
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'METHODS', 'tucker2',
-           'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs']
+           'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose',
+           'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -15,6 +16,10 @@ from .blocks import *
 from .core import *
 from .conv import *
 from .fc import *
+from .budget import decompose
+from .learner import *
+from ..misc.bn_folding import BN_Folder
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'METHODS',
-         'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs']
+         'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',
+         'DecomposeCallback', 'NuclearNormCallback']

@@ -22,7 +22,7 @@ __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv
            'compensated_target']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
-def _is_fastai_dls(data): return hasattr(data, 'train') and hasattr(data, 'valid') and hasattr(data, 'loaders')
+def _is_fastai_dls(data): return all(isinstance(getattr(type(data), a, None), property) or hasattr(type(data), a) for a in ('train', 'valid', 'loaders'))
 
 def _as_item(b, n_inp=1):
     "One batch as ('args', tuple) or ('kwargs', dict)."
