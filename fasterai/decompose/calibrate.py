@@ -22,7 +22,11 @@ __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv
            'compensated_target']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
-def _is_fastai_dls(data): return all(isinstance(getattr(type(data), a, None), property) or hasattr(type(data), a) for a in ('train', 'valid', 'loaders'))
+def _is_fastai_dls(data):
+    "Is `data` a fastai `DataLoaders`? (Checked on the type: fastai forwards attribute lookups, and `hasattr` on a split dataset can raise.)"
+    try: from fastai.data.core import DataLoaders
+    except ImportError: return False
+    return isinstance(data, DataLoaders)
 
 def _as_item(b, n_inp=1):
     "One batch as ('args', tuple) or ('kwargs', dict)."
