@@ -427,18 +427,7 @@ def test_non_module_model(bad):
 # Caller's model, inplace, atomicity
 # ----------------------------------------------------------------------------------------------------------
 
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()], [m.training for m in model.modules()])
-
-
-def same(model, snap):
-    sd, types, grads, modes = snap
-    now = model.state_dict()
-    return (now.keys() == sd.keys() and all(torch.equal(now[k], v) for k, v in sd.items())
-            and [(n, type(m)) for n, m in model.named_modules()] == types
-            and [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
-            and [m.training for m in model.modules()] == modes)
+from helpers import snapshot, same
 
 
 def test_caller_model_unchanged():

@@ -53,13 +53,7 @@ def read_tensors(gm: fx.GraphModule):
         out.add(id(obj))
     return out
 
-def _shared_params(model: nn.Module):
-    "ids of the parameters held by more than one module."
-    users = defaultdict(set)
-    for _, m in model.named_modules(remove_duplicate=False):
-        for p in m._parameters.values():
-            if p is not None: users[id(p)].add(id(m))
-    return {k for k, v in users.items() if len(v) > 1}
+from ..decompose.core import shared_params as _shared_params   # ids of parameters held by more than one module
 
 # %% ../../nbs/09_bn_folding.ipynb #c012
 def _describe(n) -> str:
