@@ -7,7 +7,7 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 # %% auto #0
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'METHODS', 'tucker2',
            'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose',
-           'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback']
+           'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -19,7 +19,8 @@ from .fc import *
 from .budget import decompose
 from .learner import *
 from ..misc.bn_folding import BN_Folder
+from .report import plot_report
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',
-         'DecomposeCallback', 'NuclearNormCallback']
+         'DecomposeCallback', 'NuclearNormCallback', 'plot_report']
