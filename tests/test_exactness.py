@@ -4,6 +4,7 @@ import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fasterai.decompose.all import *
+from fasterai.decompose.factorize import tucker2, tucker2_weight
 
 def rel(a, b): return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
@@ -214,3 +215,42 @@ def test_fc_square_break_even_and_exact():
     lin = nn.Linear(20, 30); lin.load_state_dict({'weight': blk[1].weight @ blk[0].weight, 'bias': blk[1].bias})
     x = torch.randn(3, 4, 20)
     assert rel(blk(x), lin(x)) < 1e-6
+
+
+# --- the CPU BLAS/LAPACK paths of the Gram and eigh (taken only on large matrices) ---
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('layout', ['C', 'T', 'strided'])
+def test_gram_blas_path_matches_matmul(dtype, layout):
+    from fasterai.decompose.factorize import gram
+    torch.manual_seed(0)
+    if layout == 'C': M = torch.randn(1100, 3600, dtype=dtype)
+    elif layout == 'T': M = torch.randn(3600, 1100, dtype=dtype).T            # Fortran-ordered view
+    else: M = torch.randn(1100, 7200, dtype=dtype)[:, ::2]                     # neither order
+    assert M.shape[0] ** 2 * M.shape[1] >= 2 ** 32                        # big enough for ?syrk
+    G, ref = gram(M), M @ M.T
+    torch.testing.assert_close(G, G.T, rtol=0, atol=0)                     # symmetric, both triangles filled
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    assert float((G - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_sym_eigh_lapack_path_matches_torch():
+    from fasterai.decompose.factorize import sym_eigh
+    torch.manual_seed(0)
+    X = torch.randn(2048, 2100, dtype=torch.float64)
+    G = X @ X.T
+    w, v = sym_eigh(G.clone())                                            # ≥ 2048: SciPy's syevd
+    assert bool((w[:-1] >= w[1:]).all())                                  # descending
+    torch.testing.assert_close(w, torch.linalg.eigvalsh(G).flip(0), rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close((v * w) @ v.T, G, rtol=1e-9, atol=1e-7)
+
+
+def test_hooi_stops_on_error_and_reports_it():
+    torch.manual_seed(0)
+    W = torch.randn(64, 64, 3, 3)                                         # flat spectrum: the subspace keeps turning
+    core, Uo, Ui, info = tucker2(W, 32, 32, n_iter=50, tol=1e-4)
+    assert info['iterations'] < 50
+    err = float((W - tucker2_weight(core, Uo, Ui)).norm() / W.norm())
+    assert abs(info['error'] - err) < 1e-5
+    core2, Uo2, Ui2, info2 = tucker2(W, 32, 32, n_iter=50, tol=1e-12)      # run longer: only slightly better
+    err2 = float((W - tucker2_weight(core2, Uo2, Ui2)).norm() / W.norm())
+    assert err2 <= err + 1e-6 and err - err2 < 5e-3

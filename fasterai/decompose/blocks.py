@@ -54,10 +54,14 @@ def conv_like(conv, in_ch, out_ch, kernel_size=1, spatial_dims=None, groups=1, b
 
 # %% ../../nbs/02_blocks.ipynb #c007
 def _finish(block, layer, weights, bias, source=''):
-    "Load `weights` into the block's layers, the original bias into the last one, and copy dtype/device/grad/mode."
+    """Load `weights` into the block's layers, the original bias into the last one, and copy dtype/device/grad/mode.
+    The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing is randomly
+    initialized only to be overwritten (for a 25088→2048 Linear that init costs more than half a second)."""
     w = layer.weight
     block.source = source
-    block.to(device=w.device, dtype=w.dtype)                 # cast first: float64 factors stay float64
+    if len(weights) != len(block) or any(m.bias is not None for m in list(block)[:-1]) or (block[-1].bias is None) != (bias is None):
+        raise ValueError('every parameter of the block must be given')
+    block.to_empty(device=w.device).to(dtype=w.dtype)        # cast first: float64 factors stay float64
     with torch.no_grad():
         for m, wt in zip(block, weights): m.weight.copy_(wt.reshape(m.weight.shape))
         if bias is not None: block[-1].bias.copy_(bias)
@@ -106,25 +110,25 @@ def tucker_block(conv, core, U_out, U_in, source=''):
     g, S = conv.groups, conv.in_channels
     r_out, r_in = core.shape[0] // g, core.shape[1]
     w_first = U_in.reshape(g, S // g, r_in).transpose(1, 2).reshape(g * r_in, S // g)
-    return _finish(tucker_layers(conv, r_out, r_in), conv, [w_first, core, U_out], conv.bias, source)
+    return _finish(tucker_layers(conv, r_out, r_in, device='meta'), conv, [w_first, core, U_out], conv.bias, source)
 
 def svd_block(conv, first_w, second_w, source=''):
     "The channel-SVD block of `conv` (see `channel_svd`)."
-    return _finish(svd_layers(conv, first_w.shape[0] // conv.groups), conv, [first_w, second_w], conv.bias, source)
+    return _finish(svd_layers(conv, first_w.shape[0] // conv.groups, device='meta'), conv, [first_w, second_w], conv.bias, source)
 
 def spatial_block(conv, vert_w, hor_w, source=''):
     "The spatial-SVD block of a 2-d `conv` (see `spatial_svd`)."
-    return _finish(spatial_layers(conv, vert_w.shape[0] // conv.groups), conv, [vert_w, hor_w], conv.bias, source)
+    return _finish(spatial_layers(conv, vert_w.shape[0] // conv.groups, device='meta'), conv, [vert_w, hor_w], conv.bias, source)
 
 def cp_block(conv, facs, source=''):
     "The CP block of `conv` from CP factors (T×R with weights, S×R, one k_i×R per spatial dimension)."
     A_t, A_s, *A_k = facs
-    return _finish(cp_layers(conv, A_t.shape[1]), conv, [A_s.T] + [a.T for a in A_k] + [A_t], conv.bias, source)
+    return _finish(cp_layers(conv, A_t.shape[1], device='meta'), conv, [A_s.T] + [a.T for a in A_k] + [A_t], conv.bias, source)
 
 # %% ../../nbs/02_blocks.ipynb #c012
 def linear_block(lin, A, B, source=''):
     "Linear(n→k, no bias) with weight `B`, then Linear(k→m) with weight `A` and the original bias."
-    return _finish(linear_layers(lin, A.shape[1]), lin, [B, A], lin.bias, source)
+    return _finish(linear_layers(lin, A.shape[1], device='meta'), lin, [B, A], lin.bias, source)
 
 def linear_layers(lin, k, device=None):
     "Linear(n→k, no bias), then Linear(k→m) with a bias when the layer had one."

@@ -11,8 +11,8 @@ import torch
 import numpy as np
 
 # %% auto #0
-__all__ = ['work_dtype', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'tucker2', 'tucker2_weight', 'cp_factors',
-           'cp_weight']
+__all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'tucker2',
+           'tucker2_weight', 'cp_factors', 'cp_weight']
 
 # %% ../../nbs/00_factorize.ipynb #c005
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -21,15 +21,36 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _as_work(t): return t.detach().to(work_dtype(t))
 
-# %% ../../nbs/00_factorize.ipynb #c006
+# %% ../../nbs/00_factorize.ipynb #c007
+from scipy.linalg import blas as _blas, eigh as _sp_eigh
+
+def _cpu_blas(M): return M.device.type == 'cpu' and M.dtype in (torch.float32, torch.float64)
+
+def gram(M: torch.Tensor) -> torch.Tensor:
+    "The symmetric Gram `M @ M.T`; large CPU matrices use the BLAS rank-k update on one triangle."
+    m, n = M.shape
+    if not _cpu_blas(M) or m * m * n < 2 ** 32: return M @ M.T
+    a = M.detach().numpy()
+    syrk = _blas.ssyrk if M.dtype == torch.float32 else _blas.dsyrk
+    if a.flags.f_contiguous: G = syrk(1.0, a, trans=0)                  # a aᵀ
+    else: G = syrk(1.0, np.ascontiguousarray(a).T, trans=1)              # (aᵀ)ᵀ aᵀ, no copy when a is C-ordered
+    G = torch.from_numpy(G)                                           # upper triangle filled
+    return G + G.triu(1).T                                            # eigh is slower reading the upper triangle
+
+def sym_eigh(G: torch.Tensor):
+    "Eigenvalues (descending) and eigenvectors of the symmetric matrix `G`."
+    if _cpu_blas(G) and G.shape[0] >= 2048:
+        w, v = _sp_eigh(G.numpy(), driver='evd', check_finite=False, overwrite_a=True)
+        w, v = torch.from_numpy(w), torch.from_numpy(v)
+    else: w, v = torch.linalg.eigh(G)
+    return w.flip(0), v.flip(1)
+
 def leading_subspace(M: torch.Tensor, r: int):
     "Top-`r` left singular vectors (m×r, orthonormal) of `M` (m×n) and all its singular values, from `eigh` of the m×m Gram."
-    G = M @ M.T
-    evals, evecs = torch.linalg.eigh(G)                     # ascending
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    evals, evecs = sym_eigh(gram(M))
     return evecs[:, :r].contiguous(), evals.clamp_min(0).sqrt()
 
-# %% ../../nbs/00_factorize.ipynb #c009
+# %% ../../nbs/00_factorize.ipynb #c012
 def lowrank(M: torch.Tensor, r: int):
     """Best rank-`r` factors `A` (m×r), `B` (r×n) with `M ≈ A @ B`, split as √σ on each side,
     and the singular values of `M`. Uses the Gram of the smaller side."""
@@ -54,7 +75,7 @@ def lowrank(M: torch.Tensor, r: int):
     B = B / torch.where(safe, root, torch.ones_like(root))[:, None]
     return A.contiguous(), B.contiguous(), s
 
-# %% ../../nbs/00_factorize.ipynb #c012
+# %% ../../nbs/00_factorize.ipynb #c015
 def channel_svd(W: torch.Tensor, r: int, groups: int = 1):
     "Factor conv weight `W` (T, S/g, *k) per group into `first` (g·r, S/g, *k) and `second` (T, r, 1...); returns (first, second, singular values per group)."
     W = _as_work(W)
@@ -65,7 +86,7 @@ def channel_svd(W: torch.Tensor, r: int, groups: int = 1):
         firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
-# %% ../../nbs/00_factorize.ipynb #c014
+# %% ../../nbs/00_factorize.ipynb #c017
 def spatial_svd(W: torch.Tensor, r: int, groups: int = 1):
     "Factor a 2-d conv weight `W` (T, S/g, kh, kw) per group into `vertical` (g·r, S/g, kh, 1) and `horizontal` (T, r, 1, kw)."
     W = _as_work(W)
@@ -80,36 +101,51 @@ def spatial_svd(W: torch.Tensor, r: int, groups: int = 1):
         svals.append(s)
     return torch.cat(verts), torch.cat(hors), svals
 
-# %% ../../nbs/00_factorize.ipynb #c016
+# %% ../../nbs/00_factorize.ipynb #c019
 def _subspace_change(U_new, U_old):
     "0 when two orthonormal bases span the same subspace, up to 1 when orthogonal."
     r = U_new.shape[1]
     return float(1 - (U_new.T @ U_old).pow(2).sum() / max(r, 1))
 
+def _rel_err(norm2, s, r):
+    "Relative error of the Tucker approximation whose core holds the top `r` squared singular values `s` of an unfolding."
+    return math.sqrt(max(norm2 - float(s[:r].double().pow(2).sum()), 0.) / norm2) if norm2 > 0 else 0.
+
 def tucker2(W: torch.Tensor, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1):
     """Tucker-2 of conv weight `W` (T, S/g, *k) by HOOI, per group. Returns `(core, U_out, U_in, info)`:
-    core (g·r_out, r_in, *k), U_out (T, r_out) stacked per group, U_in (S, r_in) stacked per group."""
+    core (g·r_out, r_in, *k), U_out (T, r_out) stacked per group, U_in (S, r_in) stacked per group;
+    `info` has the iterations run and the relative error."""
     W = _as_work(W)
     T, Sg, *k = W.shape
-    Tg = T // groups
-    cores, outs, ins, iters = [], [], [], []
-    for Wg in W.reshape(groups, Tg, Sg, -1):
+    Tg, K = T // groups, math.prod(k)
+    cores, outs, ins, iters, errs = [], [], [], [], []
+    for Wg in W.reshape(groups, Tg, Sg, K):
         full_out, full_in = r_out >= Tg, r_in >= Sg
-        U_in = torch.eye(Sg, dtype=W.dtype, device=W.device) if full_in else \
-               leading_subspace(Wg.transpose(0, 1).reshape(Sg, -1), r_in)[0]
-        it = 0
+        Wa = Wg.permute(0, 2, 1).reshape(Tg * K, Sg)                 # (t,k)×s: Y = Wa U_in is one product
+        Wb = Wg.permute(1, 2, 0).reshape(Sg * K, Tg)                 # (s,k)×t: Z = Wb U_out likewise
+        norm2 = float(torch.linalg.vector_norm(Wg, dtype=torch.float64)) ** 2
+        eye = lambda n: torch.eye(n, dtype=W.dtype, device=W.device)
+        U_in = eye(Sg) if full_in else leading_subspace(Wb.reshape(Sg, K * Tg), r_in)[0]
+        it, err, Z = 0, math.inf, None
         for it in range(1, max(n_iter, 1) + 1):
-            Y = torch.einsum('tsk,sr->trk', Wg, U_in).reshape(Tg, -1)
-            U_out = torch.eye(Tg, dtype=W.dtype, device=W.device) if full_out else leading_subspace(Y, r_out)[0]
-            if full_in: break                              # U_out is then optimal in one step
-            Z = torch.einsum('tsk,tr->srk', Wg, U_out).reshape(Sg, -1)
-            U_new = leading_subspace(Z, r_in)[0]
-            done = _subspace_change(U_new, U_in) < tol
+            Y = (Wa @ U_in).reshape(Tg, K * r_in)
+            if full_out: U_out, err_out = eye(Tg), math.sqrt(max(norm2 - float(torch.linalg.vector_norm(Y, dtype=torch.float64)) ** 2, 0.) / norm2) if norm2 > 0 else 0.
+            else:
+                U_out, s = leading_subspace(Y, r_out)
+                err_out = _rel_err(norm2, s, r_out)
+            Z, err, stalled = None, err_out, err - err_out < tol       # the output step no longer helps either
+            if full_in or stalled: break                               # full input rank: U_out is optimal in one step
+            Z = (Wb @ U_out).reshape(Sg, K * r_out)
+            U_new, s = leading_subspace(Z, r_in)
+            err = _rel_err(norm2, s, r_in)
+            done = err_out - err < tol or _subspace_change(U_new, U_in) < tol
             U_in = U_new
             if done or full_out: break
-        core = torch.einsum('tsk,tr,sq->rqk', Wg, U_out, U_in)
-        cores.append(core.reshape(r_out, r_in, *k)); outs.append(U_out); ins.append(U_in); iters.append(it)
-    info = dict(iterations=max(iters))
+        if Z is None: Z = (Wb @ U_out).reshape(Sg, K * r_out)
+        core = (U_in.T @ Z).reshape(r_in, K, r_out).permute(2, 0, 1)   # core[r,q,k] = Σ_s U_in[s,q] Z[s,k,r]
+        cores.append(core.reshape(r_out, r_in, *k)); outs.append(U_out); ins.append(U_in); iters.append(it); errs.append(err ** 2 * norm2)
+    total = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
+    info = dict(iterations=max(iters), error=math.sqrt(sum(errs) / total) if total > 0 else 0.)
     return torch.cat(cores), torch.cat(outs), torch.cat(ins), info
 
 def tucker2_weight(core, U_out, U_in, groups: int = 1):
@@ -121,7 +157,7 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
         parts.append(torch.einsum('rq...,tr,sq->ts...', c, Uo, Ui))
     return torch.cat(parts)
 
-# %% ../../nbs/00_factorize.ipynb #c019
+# %% ../../nbs/00_factorize.ipynb #c024
 def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, seed: int = 0):
     """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS.
     Returns (factors, rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r)."""
