@@ -832,3 +832,14 @@ def test_hooi_never_worse_than_first_step(seed):
         dec.decompose(conv, method='tucker', percent_removed=0.6, n_iter=n_iter, allow_growth=True, verbose=False)
         errs.append(float(dec.report.weight_error[0]))
     assert errs[1] <= errs[0] * (1 + 1e-5) + 1e-7, errs
+
+
+def test_cp_explicit_rank_capped_at_tensor_rank_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3))
+    dec = Conv_Decomposer()
+    out = dec.decompose(model, method='cp', ranks={'0': 10_000}, allow_growth=True, cp_iter=3, verbose=False)
+    assert tuple(dec.report.ranks[0]) == (4 * 6 * 3 * 3 // 6,)               # product of all dims but the largest
+    assert out[0].ranks == (36,) and out[0][0].out_channels == 36
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.isfinite(out(x)).all()

@@ -72,12 +72,15 @@ def _finish(block, layer, weights, bias, source=''):
 
 # %% ../../nbs/02_blocks.ipynb #c009
 def tucker_layers(conv, r_out, r_in, device=None):
-    "1×1 S→R_in, core R_in→R_out with the conv's kernel, stride, padding and dilation, 1×1 R_out→T (per group)."
+    """1×1 S→R_in, core R_in→R_out with the conv's kernel, stride, padding and dilation, 1×1 R_out→T (per group).
+    A factor at its mode's full size (R_in = S/g, R_out = T/g) is square: it is folded into the core and its 1×1 conv left out."""
     g, S, T = conv.groups, conv.in_channels, conv.out_channels
-    return LowRankConv(conv_like(conv, S, g * r_in, 1, groups=g, device=device),
-                       conv_like(conv, g * r_in, g * r_out, conv.kernel_size, 'all', groups=g, device=device),
-                       conv_like(conv, g * r_out, T, 1, groups=g, bias=conv.bias is not None, device=device),
-                       method='tucker', ranks=(r_out, r_in))
+    first, last = r_in < S // g, r_out < T // g
+    ci, co, bias = g * r_in if first else S, g * r_out if last else T, conv.bias is not None
+    layers = [conv_like(conv, S, ci, 1, groups=g, device=device)] if first else []
+    layers.append(conv_like(conv, ci, co, conv.kernel_size, 'all', groups=g, bias=bias and not last, device=device))
+    if last: layers.append(conv_like(conv, co, T, 1, groups=g, bias=bias, device=device))
+    return LowRankConv(*layers, method='tucker', ranks=(r_out, r_in))
 
 def svd_layers(conv, r, device=None):
     "k×k S→R with the conv's stride, padding and dilation, then 1×1 R→T (per group)."
@@ -106,11 +109,19 @@ METHOD_LAYERS = dict(tucker=tucker_layers, svd=svd_layers, spatial=spatial_layer
 
 # %% ../../nbs/02_blocks.ipynb #c010
 def tucker_block(conv, core, U_out, U_in, source=''):
-    "The Tucker-2 block of `conv` from HOOI factors (see `tucker2`)."
-    g, S = conv.groups, conv.in_channels
+    "The Tucker-2 block of `conv` from HOOI factors (see `tucker2`); full-size factors are folded into the core."
+    g, S, T = conv.groups, conv.in_channels, conv.out_channels
     r_out, r_in = core.shape[0] // g, core.shape[1]
-    w_first = U_in.reshape(g, S // g, r_in).transpose(1, 2).reshape(g * r_in, S // g)
-    return _finish(tucker_layers(conv, r_out, r_in, device='meta'), conv, [w_first, core, U_out], conv.bias, source)
+    first, last = r_in < S // g, r_out < T // g
+    Ui = U_in.reshape(g, S // g, r_in).to(core.dtype)
+    Uo = U_out.reshape(g, T // g, r_out).to(core.dtype)
+    c = core.reshape(g, r_out, r_in, -1)
+    if not first: c = torch.einsum('grqk,gsq->grsk', c, Ui)              # core ×₁ U_in: input channels directly
+    if not last: c = torch.einsum('grqk,gtr->gtqk', c, Uo)               # core ×₀ U_out: output channels directly
+    weights = [Ui.transpose(1, 2).reshape(g * r_in, S // g)] if first else []
+    weights.append(c.reshape(-1, c.shape[2], *core.shape[2:]))
+    if last: weights.append(U_out)
+    return _finish(tucker_layers(conv, r_out, r_in, device='meta'), conv, weights, conv.bias, source)
 
 def svd_block(conv, first_w, second_w, source=''):
     "The channel-SVD block of `conv` (see `channel_svd`)."

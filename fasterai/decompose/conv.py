@@ -16,9 +16,9 @@ from .core import *
 from .calibrate import *
 
 # %% auto #0
-__all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'full_ranks', 'mode_matrices', 'spectrum',
-           'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'layer_target', 'check_explicit_rank',
-           'sample_runner', 'Conv_Decomposer']
+__all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'cp_rank_bound', 'full_ranks', 'mode_matrices',
+           'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'layer_target',
+           'check_explicit_rank', 'sample_runner', 'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -41,6 +41,11 @@ def method_reason(conv, method) -> str | None:
         if conv.groups > 1: return 'cp does not support grouped convs'
         if math.prod(k) == 1: return '1×1 kernel: nothing for cp to separate'
     return None
+
+def cp_rank_bound(conv):
+    "An upper bound on the CP rank of `conv`'s weight (T, S, *k): the product of all its dimensions but the largest."
+    dims = conv.weight.shape
+    return max(1, math.prod(dims) // max(dims))
 
 def full_ranks(conv, method):
     "The largest useful rank of each mode of `conv` for `method` (per group)."
@@ -203,7 +208,7 @@ class Conv_Decomposer(Decomposer):
             L = whitening(st.sigma) if st is not None and method in ('svd', 'tucker') else None
             Wt = layer_target(W, st) if L is not None else W                 # what the block should reproduce
             given = self.explicit_rank(ranks, name)
-            if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f) if method != 'cp' else max(1, v) for v, f in zip(r, full))
+            if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f if method != 'cp' else cp_rank_bound(conv)) for v, f in zip(r, full))
             else:
                 mats = mode_matrices(Wt.to(work_dtype(W)), method, g)
                 if L is not None: mats[0] = [mats[0][0].double() @ L]      # output-side rank from the whitened spectrum
