@@ -12,6 +12,7 @@ from torch import nn
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)   # raised by fastai's import on recent torch
 from .data.digits import *
 from .decompose.blocks import n_params
+from .decompose.core import eval_mode
 from .decompose.learner import *
 
 digits_tensors = digits_arrays      # its name here before `fasterai.data.digits` existed (bench/bench_digits.py imports it)
@@ -36,7 +37,7 @@ def model_macs(model: nn.Module, input_shape) -> int:
     "Multiply-accumulates of one forward pass on zeros of `input_shape`, from torch's FLOP counter (FLOPs / 2)."
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
-    with FlopCounterMode(display=False) as fc, torch.no_grad(): model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
+    with FlopCounterMode(display=False) as fc, eval_mode(model): model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
     return fc.get_total_flops() // 2
 
 def measure(learn, input_shape=(1, 1, 32, 32)) -> dict:

@@ -843,3 +843,30 @@ def test_cp_explicit_rank_capped_at_tensor_rank_bound():
     assert out[0].ranks == (36,) and out[0][0].out_channels == 36
     x = torch.randn(2, 4, 8, 8)
     assert torch.isfinite(out(x)).all()
+
+
+@pytest.mark.parametrize('how', ['input_shape', 'data'])
+def test_training_mode_model_keeps_bn_stats(how):
+    "Probing forward passes (shapes, the final check) must not update BatchNorm statistics, in the copy or the caller's model."
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.BatchNorm2d(16)).train()
+    with torch.no_grad(): model(torch.randn(8, 3, 8, 8) * 3 + 1)          # non-trivial running stats
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(input_shape=(1, 3, 8, 8)) if how == 'input_shape' else dict(data=torch.randn(4, 3, 8, 8), n_batches=1)
+    out = Conv_Decomposer().decompose(model, percent_removed=0.5, method='svd', allow_growth=True, verbose=False, **kw)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())            # caller untouched
+    for k in ('1.running_mean', '1.running_var', '4.running_var', '4.num_batches_tracked'):
+        assert torch.equal(out.state_dict()[k], ref[k]), k                                # the result keeps them too
+    assert model.training and out.training and out[1].training
+
+
+def test_budget_keeps_caller_bn_stats():
+    from fasterai.decompose.budget import decompose
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).train()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    decompose(model, budget=0.7, budget_on='macs', input_shape=(1, 3, 8, 8), fc=False, verbose=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
+    assert all(m.training for m in model.modules())

@@ -7,6 +7,7 @@ Docs: https://fasterai.github.io/fasterai/core.html.md"""
 # %% ../../nbs/04_core.ipynb #c003
 from __future__ import annotations
 import copy, difflib, inspect, math, re, time
+from contextlib import contextmanager
 from collections import defaultdict
 import torch
 import pandas as pd
@@ -15,8 +16,8 @@ from torch.nn.utils import parametrize
 from .blocks import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'check_names', 'safe_deepcopy', 'input_sizes',
-           'Decomposer']
+__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'check_names', 'safe_deepcopy', 'eval_mode',
+           'input_sizes', 'Decomposer']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -84,8 +85,20 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
 def _under(name, prefixes): return any(name == p or name.startswith(p + '.') or p == '' for p in prefixes)
 
 # %% ../../nbs/04_core.ipynb #c009
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run a block with `model` in eval mode and no autograd, then put every module's `training` flag back:
+    a probing forward pass in training mode would update BatchNorm running statistics (on zeros, when probing
+    with a sample shape) and change the model it is meant to measure."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(): yield model
+    finally:
+        for m, t in modes.items(): m.training = t
+
 def input_sizes(model: nn.Module, layers: dict, run):
-    "Record the input shape of each module in `layers` (name → module) during `run()`."
+    "Record the input shape of each module in `layers` (name → module) during `run()` (in eval mode)."
     shapes, hooks = {}, []
     def hook(name):
         def f(m, args):
@@ -93,12 +106,12 @@ def input_sizes(model: nn.Module, layers: dict, run):
         return f
     try:
         for n, m in layers.items(): hooks.append(m.register_forward_pre_hook(hook(n)))
-        with torch.no_grad(): run()
+        with eval_mode(model): run()
     finally:
         for h in hooks: h.remove()
     return shapes
 
-# %% ../../nbs/04_core.ipynb #c011
+# %% ../../nbs/04_core.ipynb #c013
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after',
                   'weight_error', 'predicted_error', 'output_error', 'seconds', 'status', 'reason']
 
@@ -167,7 +180,7 @@ class Decomposer:
                 work = self._swap(work, [(m, block)], owners)
                 if after_layer is not None: after_layer(name, m, block, work)
         if sample is not None and swaps:
-            with torch.no_grad(): sample(work)                 # the decomposed model must run
+            with eval_mode(work): sample(work)                 # the decomposed model must run
         self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
         result = work
         if inplace:
