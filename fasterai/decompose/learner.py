@@ -116,7 +116,9 @@ class DecomposeCallback(Callback):
 
 # %% ../../nbs/08_learner.ipynb #c038
 class NuclearNormCallback(Callback):
-    "Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers` to the training loss."
+    """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers`
+    to the training loss. Layers inside an already-decomposed block are left alone: the penalty prepares layers for
+    decomposition, and after a `DecomposeCallback` it stops on the layers that were replaced."""
     run_valid = False
     def __init__(self, weight: float = 1e-4, layers=None, relative: bool = False):
         store_attr('weight,layers,relative')
@@ -127,7 +129,10 @@ class NuclearNormCallback(Callback):
         if self._for is not self.model:
             names = check_names(self.model, self.layers, 'layers')
             under = lambda n: names is None or any(n == p or n.startswith(p + '.') for p in names)
-            self._mods = [m for n, m in self.model.named_modules() if isinstance(m, CONV_KINDS + (nn.Linear,)) and under(n)]
+            blocks = [n for n, m in self.model.named_modules() if isinstance(m, LowRankBlock)]
+            in_block = lambda n: any(n.startswith(b + '.') or b == '' for b in blocks)
+            self._mods = [m for n, m in self.model.named_modules()
+                          if isinstance(m, CONV_KINDS + (nn.Linear,)) and under(n) and not in_block(n)]
             self._for = self.model
         return self._mods
 
