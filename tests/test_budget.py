@@ -25,3 +25,21 @@ def test_budget_bad_input():
     for kw, word in [(dict(budget=0), 'budget'), (dict(budget=1.2), 'budget'), (dict(budget_on='flops'), 'budget_on'),
                      (dict(method='cp'), 'method')]:
         with pytest.raises(ValueError, match=word): decompose(m, **kw)
+
+
+def test_data_aware_tucker_budget_cuts_input_rank_where_inputs_are_low_dimensional():
+    # 32 input channels that only ever carry a 4-dimensional signal: with data, the input rank of the Tucker
+    # block is the cheap one to cut, whatever the (flat, random) weight spectrum says.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1))
+    mix = torch.randn(32, 4)
+    x = torch.einsum('cd,bdhw->bchw', mix, torch.randn(64, 4, 12, 12))
+    small = decompose(model, budget=0.4, method='tucker', fc=False, data=x, verbose=False)
+    row = decompose.report.set_index('name').loc['0']
+    r_out, r_in = row.ranks
+    assert 0.37 < n_params(small) / n_params(model) <= 0.4             # one layer: a rank step is ~2% of it
+    decompose(model, budget=0.4, method='tucker', fc=False, verbose=False)          # weights alone: flat spectra
+    w_out, w_in = decompose.report.ranks[0]
+    print(row.ranks, (w_out, w_in), row.predicted_error)
+    assert r_in < w_in and r_out > w_out
+    assert row.predicted_error < 0.01, row.predicted_error

@@ -117,7 +117,9 @@ def whitened_spectra(model, data, n_batches, method, cands):
         W = m.weight.detach().double()
         Wl = W.reshape(W.shape[0], -1) @ whitening(st.sigma.to(W.device))
         if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
-        return [spectrum(Wl), spectrum(mode_matrices(W, 'tucker', 1)[1][0])]
+        S, K = W.shape[1], math.prod(W.shape[2:])
+        C = st.sigma.to(W.device).reshape(S, K, S, K).diagonal(dim1=1, dim2=3).mean(-1)   # channel second moment
+        return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
     return f
 
 # %% ../../nbs/07_budget.ipynb #c010
