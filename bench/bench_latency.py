@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench')); import _env  # bench/_env.py: versions, machine, git state
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,16 +94,7 @@ def profile_model(label, model, bs, n=8):
                    [(e.key, str(e.input_shapes)[:70], e.count // 3, e.self_cpu_time_total / 3e3, f'{100 * e.self_cpu_time_total / tot:.1f}%') for e in ev[:n]]),
           file=sys.stderr)
 
-def env_info():
-    def git(*a):
-        try: return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return None
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor()) \
-        if Path('/proc/cpuinfo').exists() else platform.processor()
-    return dict(torch=torch.__version__, torchvision=torchvision.__version__, python=platform.python_version(), cpu=cpu,
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', '(unset)'),
-                loadavg_start=os.getloadavg(), git_head=git('rev-parse', 'HEAD'), git_dirty=bool(git('status', '--porcelain')),
-                time=time.strftime('%Y-%m-%d %H:%M:%S'))
+def env_info(): return _env.env_info(torchvision=torchvision.__version__)
 
 def main():
     t_start = time.perf_counter()

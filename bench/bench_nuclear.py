@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench')); import _env  # bench/_env.py: versions, machine, git state
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,15 +58,8 @@ DECOMPS = {'tucker p=0.5': lambda m, data: Conv_Decomposer().decompose(m, percen
            'budget MACs 40%': lambda m, data: decompose(m, budget=0.4, budget_on='macs', method='tucker', fc=False, input_shape=SHAPE, data=data, verbose=False)}
 
 def env_info():
-    def git(*a):
-        try: return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return None
     import fastai
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor()) \
-        if Path('/proc/cpuinfo').exists() else platform.processor()
-    return dict(torch=torch.__version__, fastai=fastai.__version__, python=platform.python_version(), cpu=cpu, cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(), git_head=git('rev-parse', 'HEAD'),
-                git_dirty=bool(git('status', '--porcelain')), time=time.strftime('%Y-%m-%d %H:%M:%S'))
+    return _env.env_info(fastai=fastai.__version__)
 
 def train(seed: int, nuc: dict | None):
     "The digits CNN trained `ARGS.epochs` epochs from `seed`, with `NuclearNormCallback(**nuc)` on the convs unless `nuc` is None."

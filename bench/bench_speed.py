@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'bench')); import _env  # bench/_env.py: versions, machine, git state
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,17 +64,7 @@ def md_table(headers, rows):
     lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in rows]
     return '\n'.join(lines)
 
-def env_info():
-    def git(*a):
-        try: return subprocess.run(['git', *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return None
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), platform.processor()) \
-        if Path('/proc/cpuinfo').exists() else platform.processor()
-    return dict(torch=torch.__version__, torchvision=torchvision.__version__, numpy=np.__version__, python=platform.python_version(),
-                cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY', '(unset)'), openblas_threads=os.environ.get('OPENBLAS_NUM_THREADS'),
-                loadavg_start=os.getloadavg(), git_head=git('rev-parse', 'HEAD'), git_dirty=bool(git('status', '--porcelain')),
-                time=time.strftime('%Y-%m-%d %H:%M:%S'))
+def env_info(): return _env.env_info(torchvision=torchvision.__version__, numpy=np.__version__)
 
 def rel_err(W, What): return float((W - What).norm() / W.norm())
 
