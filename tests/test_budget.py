@@ -43,3 +43,31 @@ def test_data_aware_tucker_budget_cuts_input_rank_where_inputs_are_low_dimension
     print(row.ranks, (w_out, w_in), row.predicted_error)
     assert r_in < w_in and r_out > w_out
     assert row.predicted_error < 0.01, row.predicted_error
+
+
+class Branches(nn.Module):
+    "Two Linears alike, one of which barely reaches the output."
+    def __init__(self):
+        super().__init__()
+        self.quiet, self.loud = nn.Linear(48, 48), nn.Linear(48, 48)
+    def forward(self, x): return 0.02 * self.quiet(x) + self.loud(x)
+
+
+def test_sensitivity_spends_the_budget_where_the_output_feels_it():
+    torch.manual_seed(0)
+    model = Branches().eval()
+    x = torch.randn(2048, 48)
+    y = model(x)
+    out = {}
+    for sens in (False, True):
+        small = decompose(model, budget=0.6, data=x, sensitivity=sens, verbose=False)
+        r = decompose.report.set_index('name')
+        ranks = {n: (r.loc[n, 'ranks'][0] if n in r.index and r.loc[n, 'status'] == 'decomposed' else 48) for n in ('quiet', 'loud')}
+        out[sens] = (ranks, ((small(x) - y).norm() / y.norm()).item(), n_params(small) / n_params(model))
+    (r0, e0, p0), (r1, e1, p1) = out[False], out[True]
+    assert abs(r0['quiet'] - r0['loud']) <= 2, r0                      # energy shares: the two look alike
+    assert r1['quiet'] < r1['loud'] - 10, r1                           # sensitivity: cut the one the output barely sees
+    assert abs(p0 - p1) < 0.02 and e1 < 0.5 * e0, (e0, e1)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match='sensitivity=True needs data'):
+        decompose(model, budget=0.6, sensitivity=True, verbose=False)

@@ -7,6 +7,7 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 # %% ../../nbs/07_budget.ipynb #c003
 from __future__ import annotations
 import math
+from collections.abc import Mapping
 import torch
 from torch import nn
 from .factorize import *
@@ -20,7 +21,7 @@ from .fc import linear_positions
 from .calibrate import *
 
 # %% auto #0
-__all__ = ['LayerPlan', 'allocate', 'plan_layers', 'whitened_spectra', 'decompose']
+__all__ = ['LayerPlan', 'allocate', 'plan_layers', 'whitened_spectra', 'output_sensitivity', 'decompose']
 
 # %% ../../nbs/07_budget.ipynb #c005
 class LayerPlan:
@@ -29,6 +30,10 @@ class LayerPlan:
         self.name, self.layer, self.method, self.spectra, self.full, self.in_shape, self.on = name, layer, method, spectra, full, in_shape, on
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
         self.dense = self.cost(None)
+
+    def weigh(self, w: float):
+        "Use absolute energies × `w` (the layer's output sensitivity) instead of energy shares."
+        self.energy = [s.pow(2) * w for s in self.spectra]
 
     def cost(self, ranks):
         "Params or MACs of the layer (`ranks=None`) or of its block at `ranks`."
@@ -122,13 +127,56 @@ def whitened_spectra(model, data, n_batches, method, cands):
         return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
     return f
 
-# %% ../../nbs/07_budget.ipynb #c010
+# %% ../../nbs/07_budget.ipynb #c011
+def _first_tensor(out):
+    "The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or `ModelOutput`)."
+    if isinstance(out, torch.Tensor): return out if out.is_floating_point() else None
+    vals = list(out.values()) if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list)) else []
+    return next((t for t in map(_first_tensor, vals) if t is not None), None)
+
+def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | None = 4, seed: int = 0) -> dict:
+    """Per layer in `modules` (name → module of `model`): ‖J‖²_F / d_out summed over the positions of a batch and
+    averaged over `n_batches` of `data`, J the Jacobian of the model's (first) output with respect to that layer's output. Random-projection
+    estimate, one backward pass per batch; `model` is left as it was (modes, hooks, no `.grad`)."""
+    acc, probes, hooks = {n: 0. for n in modules}, {}, []
+    width = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in modules.items()}
+    def hook(name):
+        def f(mod, args, out):
+            z = torch.zeros_like(out, requires_grad=True)
+            probes[name] = z
+            return out + z
+        return f
+    modes, device = {m: m.training for m in model.modules()}, model_device(model)
+    gen, n = torch.Generator().manual_seed(seed), 0
+    try:
+        for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
+        model.eval()
+        with torch.enable_grad():
+            for item in iter_batches(data, n_batches):
+                probes.clear()
+                out = _first_tensor(run_model(model, item, device))
+                if out is None: raise TypeError('output_sensitivity needs a model whose output is (or contains) a float tensor')
+                names = [k for k in probes if out.requires_grad]
+                if not names: continue
+                v = torch.randn(out.shape, generator=gen).to(out)
+                grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True)
+                for k, g in zip(names, grads):
+                    if g is not None: acc[k] += float(g.detach().double().pow(2).sum()) / width[k]
+                n += 1
+    finally:
+        for h in hooks: h.remove()
+        for m, t in modes.items(): m.training = t
+    return {k: v / max(n, 1) for k, v in acc.items()}
+
+# %% ../../nbs/07_budget.ipynb #c014
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
-              fc: bool = True, layers=None, exclude=None, *, input_shape=None, inplace: bool = False, verbose: bool = True, **kwargs):
+              fc: bool = True, layers=None, exclude=None, *, input_shape=None, sensitivity: bool | None = None, inplace: bool = False,
+              verbose: bool = True, **kwargs):
     """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of its parameters
     (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
-    (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware.
-    Returns the new model; `decompose.report` holds the per-layer rows."""
+    (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware;
+    `sensitivity` (default: on when `data` is given) weighs each layer's spectrum by how much its output error
+    moves the model's output (`output_sensitivity`). Returns the new model; `decompose.report` holds the per-layer rows."""
     if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
@@ -145,6 +193,13 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands) if data is not None else None
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
     if not plans: raise ValueError('no layer of the model can be decomposed')
+    if sensitivity is None: sensitivity = data is not None
+    if sensitivity:
+        if data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
+        sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(kwargs.get('n_batches', 8) or 8, 4))
+        for p in plans: p.weigh(sens[p.name])
+        scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
+        for p in plans: p.energy = [e / scale for e in p.energy]
     total_all = fixed + sum(p.dense for p in plans)
     ranks, cost, _ = allocate(plans, budget * total_all, fixed)
     chosen = {n: r for n, r in ranks.items() if r is not None}
