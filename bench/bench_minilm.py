@@ -52,7 +52,8 @@ total = n_params(model)
 rows = []
 for keep in (0.75, 0.5):
     budget = 1 - (1 - keep) * lin_params / total              # the rest of the model (embeddings, norms) is untouched
-    for label, kw in [('data-aware (whitened, sequential)', dict(data=calib, n_batches=len(calib))),
+    for label, kw in [('data-aware (whitened, sequential, sensitivity-weighted budget)', dict(data=calib, n_batches=len(calib))),
+                      ('data-aware, sensitivity=False (energy shares)', dict(data=calib, n_batches=len(calib), sensitivity=False)),
                       ('data-aware + compensate=True', dict(data=calib, n_batches=len(calib), compensate=True)), ('weight-only', {})]:
         small = decompose(model, budget=budget, conv=False, layers=['encoder'], verbose=False, **kw)
         cos = (embed(small, evalb) * ref).sum(-1)
