@@ -71,3 +71,21 @@ def test_sensitivity_spends_the_budget_where_the_output_feels_it():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match='sensitivity=True needs data'):
         decompose(model, budget=0.6, sensitivity=True, verbose=False)
+
+
+class Argmax(nn.Module):
+    "A model whose output is not a float tensor (no gradient to weigh the layers with)."
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    def forward(self, x): return self.body(x).argmax(-1)
+
+
+def test_sensitivity_falls_back_when_the_output_is_not_a_float_tensor():
+    torch.manual_seed(0)
+    model, x = Argmax().eval(), torch.randn(256, 32)
+    with pytest.warns(UserWarning, match='energy shares'):
+        small = decompose(model, budget=0.6, data=x, verbose=False)
+    assert abs(n_params(small) / n_params(model) - 0.6) < 0.02
+    with pytest.raises(TypeError, match='float tensor'):
+        decompose(model, budget=0.6, data=x, sensitivity=True, verbose=False)

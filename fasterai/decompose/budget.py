@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 
 # %% ../../nbs/07_budget.ipynb #c003
 from __future__ import annotations
-import math
+import math, warnings
 from collections.abc import Mapping
 import torch
 from torch import nn
@@ -193,10 +193,16 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands) if data is not None else None
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
     if not plans: raise ValueError('no layer of the model can be decomposed')
-    if sensitivity is None: sensitivity = data is not None
+    auto = sensitivity is None
+    if auto: sensitivity = data is not None
+    if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
+    sens = None
     if sensitivity:
-        if data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
-        sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(kwargs.get('n_batches', 8) or 8, 4))
+        try: sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(kwargs.get('n_batches', 8) or 8, 4))
+        except TypeError as e:
+            if not auto: raise
+            warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
+    if sens is not None:
         for p in plans: p.weigh(sens[p.name])
         scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
         for p in plans: p.energy = [e / scale for e in p.energy]
