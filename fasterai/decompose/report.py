@@ -12,14 +12,17 @@ import pandas as pd
 from torch import nn
 from .conv import mode_matrices, spectrum
 from .factorize import work_dtype
+from .calibrate import collect_stats, whitening
 
 # %% auto #0
 __all__ = ['plot_report']
 
 # %% ../../nbs/12_report.ipynb #c004
-def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8):
+def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8, data=None, n_batches: int | None = 4):
     """A matplotlib figure of a decomposer's `report`: params before/after per layer (skipped layers hatched), and,
-    given the original `model`, each decomposed layer's normalized spectrum with the kept rank marked."""
+    given the original `model`, each decomposed layer's normalized spectrum with the kept rank marked. With the
+    calibration `data` the ranks were chosen with, the spectra are those of the whitened weights (W L, L Lᵀ the
+    layer's input second moment), the ones data-aware ranks are read from; else the weights' own."""
     import matplotlib
     import matplotlib.pyplot as plt
     r = report.reset_index(drop=True)
@@ -27,11 +30,17 @@ def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectr
     spectra = []
     if model is not None:
         mods = dict(model.named_modules())
-        for _, row in dec.head(max_spectra).iterrows():
-            m = mods.get(row['name'])
-            if m is None or not hasattr(m, 'weight'): continue
+        rows = [row for _, row in dec.head(max_spectra).iterrows() if hasattr(mods.get(row['name']), 'weight')]
+        whiten = {}
+        if data is not None:
+            can = {row['name']: mods[row['name']] for row in rows if isinstance(mods[row['name']], nn.Linear) or
+                   (row['method'] in ('svd', 'tucker') and getattr(mods[row['name']], 'groups', 1) == 1)}
+            whiten = {n: whitening(st.sigma) for n, st in collect_stats(model, data, can, n_batches).items() if st.n}
+        for row in rows:
+            m = mods[row['name']]
             W = m.weight.detach(); W = W.to(work_dtype(W))
-            M = W if isinstance(m, nn.Linear) else mode_matrices(W, row['method'] if row['method'] in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0]
+            if row['name'] in whiten: M = W.double().reshape(W.shape[0], -1) @ whiten[row['name']].to(W.device)
+            else: M = W if isinstance(m, nn.Linear) else mode_matrices(W, row['method'] if row['method'] in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0]
             spectra.append((row['name'], spectrum(M).cpu(), row['ranks'][0]))
     fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 8, 4), squeeze=False)
     ax = axes[0, 0]
@@ -49,6 +58,7 @@ def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectr
             s = s / s[0].clamp_min(1e-30)
             line, = ax.semilogy(range(1, len(s) + 1), s.clamp_min(1e-8), label=name)
             ax.axvline(k, color=line.get_color(), ls=':', lw=1)
-        ax.set_xlabel('component'); ax.set_ylabel('σ / σ₁'); ax.set_title('spectra (dotted: kept rank)'); ax.legend(fontsize=7)
+        kind = 'whitened spectra' if data is not None else 'weight spectra'
+        ax.set_xlabel('component'); ax.set_ylabel('σ / σ₁'); ax.set_title(f'{kind} (dotted: kept rank)'); ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
