@@ -19,6 +19,7 @@ from .core import check_names
 from .blocks import LowRankBlock, n_params
 from .conv import Conv_Decomposer, CONV_KINDS
 from .fc import FC_Decomposer
+from .budget import decompose as budget_decompose
 
 # %% auto #0
 __all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'copy_hypers', 'DecomposeCallback', 'NuclearNormCallback']
@@ -59,14 +60,25 @@ def _as_list(names): return [] if names is None else [names] if isinstance(names
 @patch
 @delegates(Conv_Decomposer.decompose, but=['data'])
 def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = 'tucker', percent_removed: float = 0.5,
-              n_batches: int = 4, keep_first: bool = True, keep_last: bool = True, progress: bool = True, **kwargs) -> pd.DataFrame:
-    "Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches` training batches; install it with a new optimizer and return the report."
+              n_batches: int = 4, keep_first: bool = True, keep_last: bool = True, progress: bool = True,
+              budget: float | None = None, budget_on: str = 'params', **kwargs) -> pd.DataFrame:
+    """Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches` training batches; install it
+    with a new optimizer and return the report. With `budget=` (a fraction of the model's params, or of its conv+linear
+    MACs with `budget_on='macs'`), ranks come from the global allocation of `fasterai.decompose.budget.decompose`
+    instead of `percent_removed`."""
     if not (conv or fc): raise ValueError('conv and fc are both False: nothing to decompose')
-    unknown = [k for k in kwargs if not (takes(Conv_Decomposer.decompose, k) or takes(FC_Decomposer.decompose, k))]
+    unknown = [k for k in kwargs if not (takes(Conv_Decomposer.decompose, k) or takes(FC_Decomposer.decompose, k)
+                                         or (budget is not None and takes(budget_decompose, k)))]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
     model = self.model
     keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in _as_list(kwargs.get('layers'))]
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
+    if budget is not None:
+        kw = dict(kwargs)
+        if 'data' not in kw and n_batches: kw['data'] = self.dls
+        if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
+        model = budget_decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv, fc=fc, **{'verbose': False, **kw})
+        return self._install_decomposed(model, [budget_decompose.report])
     decs = ([(Conv_Decomposer(), dict(method=method))] if conv else []) + ([(FC_Decomposer(), {})] if fc else [])
     show = progress and getattr(self, 'progress', None) is not None          # no bar under `learn.no_bar()`
     total = sum(len(d.candidates(model, kwargs.get('layers'), kwargs.get('exclude'))[0]) for d, _ in decs) if show else 0
@@ -83,14 +95,19 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
         if pb is not None: tick_per_layer(dec, tick)
         model = dec.decompose(model, **kw)
     if pb is not None and done < total: pb.update(total)
+    return self._install_decomposed(model, [d.report for d, _ in decs if d.report is not None])
+
+@patch
+def _install_decomposed(self: Learner, model, reports):
+    "Put `model` on the Learner (on its device) with a new optimizer; keep and return the concatenated `reports`."
     dev = getattr(self.dls, 'device', None)
     self.model = model if dev is None else model.to(dev)
     self.create_opt()
-    reports = [d.report for d, _ in decs if d.report is not None and len(d.report)]
-    self.decompose_report = pd.concat(reports, ignore_index=True) if reports else decs[0][0].report
+    full = [r for r in reports if len(r)]
+    self.decompose_report = pd.concat(full, ignore_index=True) if full else reports[0]
     return self.decompose_report
 
-# %% ../../nbs/08_learner.ipynb #c030
+# %% ../../nbs/08_learner.ipynb #c032
 def copy_hypers(opt, hypers):
     "Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when the counts differ)."
     for k in hypers[-1]:
@@ -114,7 +131,7 @@ class DecomposeCallback(Callback):
         self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
         copy_hypers(self.learn.opt, hypers)
 
-# %% ../../nbs/08_learner.ipynb #c038
+# %% ../../nbs/08_learner.ipynb #c040
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers`
     to the training loss. Layers inside an already-decomposed block are left alone: the penalty prepares layers for
