@@ -14,6 +14,7 @@ from fastcore.basics import patch, store_attr
 from fastcore.meta import delegates
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner
+from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
 from .core import check_names
 from .blocks import LowRankBlock, n_params
@@ -22,7 +23,8 @@ from .fc import FC_Decomposer
 from .budget import decompose as budget_decompose
 
 # %% auto #0
-__all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'copy_hypers', 'DecomposeCallback', 'NuclearNormCallback']
+__all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'copy_hypers', 'DecomposeCallback',
+           'NuclearNormCallback']
 
 # %% ../../nbs/08_learner.ipynb #c005
 def accepted_kwargs(f, kwargs: dict) -> dict:
@@ -56,6 +58,11 @@ def end_layers(model: nn.Module) -> tuple:
 
 def _as_list(names): return [] if names is None else [names] if isinstance(names, str) else list(names)
 
+def calibration_dls(dls):
+    "`dls` with its training loader unshuffled, so that calibration reads the same batches on every call (`dls` itself if it cannot)."
+    try: return DataLoaders(dls.train.new(shuffle=False), *dls.loaders[1:], device=getattr(dls, 'device', None))
+    except Exception: return dls
+
 # %% ../../nbs/08_learner.ipynb #c013
 @patch
 @delegates(Conv_Decomposer.decompose, but=['data'])
@@ -75,7 +82,7 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
     if budget is not None:
         kw = dict(kwargs)
-        if 'data' not in kw and n_batches: kw['data'] = self.dls
+        if 'data' not in kw and n_batches: kw['data'] = calibration_dls(self.dls)
         if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
         model = budget_decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv, fc=fc, **{'verbose': False, **kw})
         return self._install_decomposed(model, [budget_decompose.report])
@@ -87,10 +94,11 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
         nonlocal done
         done += 1; pb.comment = name; pb.update(done)
     if pb is not None: pb.update(0)
+    calib = calibration_dls(self.dls) if n_batches else None
     for dec, extra in decs:
         kw = {**accepted_kwargs(dec.decompose, kwargs), **extra, 'percent_removed': percent_removed}
         if takes(dec.decompose, 'data'):
-            if 'data' not in kw and n_batches: kw['data'] = self.dls
+            if 'data' not in kw and n_batches: kw['data'] = calib
             if kw.get('data') is not None and n_batches and takes(dec.decompose, 'n_batches'): kw['n_batches'] = n_batches
         if pb is not None: tick_per_layer(dec, tick)
         model = dec.decompose(model, **kw)
@@ -107,7 +115,7 @@ def _install_decomposed(self: Learner, model, reports):
     self.decompose_report = pd.concat(full, ignore_index=True) if full else reports[0]
     return self.decompose_report
 
-# %% ../../nbs/08_learner.ipynb #c032
+# %% ../../nbs/08_learner.ipynb #c033
 def copy_hypers(opt, hypers):
     "Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when the counts differ)."
     for k in hypers[-1]:
@@ -131,7 +139,7 @@ class DecomposeCallback(Callback):
         self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
         copy_hypers(self.learn.opt, hypers)
 
-# %% ../../nbs/08_learner.ipynb #c040
+# %% ../../nbs/08_learner.ipynb #c041
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers`
     to the training loss. Layers inside an already-decomposed block are left alone: the penalty prepares layers for
