@@ -41,21 +41,21 @@ def model_macs(model: nn.Module, input_shape) -> int:
     return fc.get_total_flops() // 2
 
 def measure(learn, input_shape=(1, 1, 32, 32)) -> dict:
-    "Validation accuracy, parameters and MACs per image of `learn.model`."
-    with learn.no_bar(): acc = float(learn.validate()[1])
-    return dict(accuracy=acc, params=n_params(learn.model), macs=model_macs(learn.model, tuple(input_shape)))
+    "Validation accuracy and loss, parameters and MACs per image of `learn.model`."
+    with learn.no_bar(): loss, acc = map(float, learn.validate()[:2])
+    return dict(accuracy=acc, loss=loss, params=n_params(learn.model), macs=model_macs(learn.model, tuple(input_shape)))
 
 # %% ../nbs/10_demo.ipynb #c010
-_COLS = [('accuracy', '{:.4f}', 10), ('params', '{:,}', 11), ('macs', '{:,}', 12), ('ms_bs1', '{:.2f}', 11), ('ms_bs64', '{:.2f}', 12)]
-_HEAD = dict(accuracy='accuracy', params='params', macs='MACs', ms_bs1='ms (bs 1)', ms_bs64='ms (bs 64)')
+_COLS = [('accuracy', '{:.4f}', 10), ('loss', '{:.4f}', 9), ('params', '{:,}', 11), ('macs', '{:,}', 12), ('ms_bs1', '{:.2f}', 11), ('ms_bs64', '{:.2f}', 12)]
+_HEAD = dict(accuracy='accuracy', loss='loss', params='params', macs='MACs', ms_bs1='ms (bs 1)', ms_bs64='ms (bs 64)')
+_DIFF = ('accuracy', 'loss')                                   # shown as differences in the last row; the rest as ratios
 
 def summary_table(rows) -> str:
     "A fixed-width table of (label, `measure` dict) rows, with the last row's ratios to the first."
     lines = [f'{"":<26}' + ''.join(f'{_HEAD[k]:>{w}}' for k, _, w in _COLS)]
     for label, r in rows: lines.append(f'{label:<26}' + ''.join(f'{f.format(r[k]):>{w}}' for k, f, w in _COLS))
     (_, a), (_, b) = rows[0], rows[-1]
-    lines.append(f'{"last / first":<26}' + f'{b["accuracy"] - a["accuracy"]:>+10.4f}' +
-                 ''.join(f'{b[k] / a[k]:>{w}.1%}' for k, _, w in _COLS[1:]))
+    lines.append(f'{"last / first":<26}' + ''.join(f'{b[k] - a[k]:>+{w}.4f}' if k in _DIFF else f'{b[k] / a[k]:>{w}.1%}' for k, _, w in _COLS))
     return '\n'.join(lines)
 
 def report_table(rep) -> str:
@@ -67,7 +67,7 @@ def report_table(rep) -> str:
     if 'output_error' in r: r['output_error'] = r['output_error'].map(lambda v: '' if v != v else f'{v:.3f}')
     return r.to_string(index=False)
 
-def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 1e-3, seed: int = 0, threads: int | None = 1):
+def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, threads: int | None = 1):
     "Train the digits CNN with fastai, `learn.decompose()` it, fine-tune one epoch with `fit_one_cycle`; print before/after."
     from fastai.learner import Learner
     from fastai.metrics import accuracy
