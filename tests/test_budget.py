@@ -40,7 +40,6 @@ def test_data_aware_tucker_budget_cuts_input_rank_where_inputs_are_low_dimension
     assert 0.37 < n_params(small) / n_params(model) <= 0.4             # one layer: a rank step is ~2% of it
     decompose(model, budget=0.4, method='tucker', fc=False, verbose=False)          # weights alone: flat spectra
     w_out, w_in = decompose.report.ranks[0]
-    print(row.ranks, (w_out, w_in), row.predicted_error)
     assert r_in < w_in and r_out > w_out
     assert row.predicted_error < 0.01, row.predicted_error
 

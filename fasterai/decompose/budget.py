@@ -156,8 +156,8 @@ def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | N
                 probes.clear()
                 out = _first_tensor(run_model(model, item, device))
                 if out is None: raise TypeError('output_sensitivity needs a model whose output is (or contains) a float tensor')
-                names = [k for k in probes if out.requires_grad]
-                if not names: continue
+                if not (probes and out.requires_grad): continue
+                names = list(probes)
                 v = torch.randn(out.shape, generator=gen).to(out)
                 grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True)
                 for k, g in zip(names, grads):

@@ -12,7 +12,7 @@ import pandas as pd
 from torch import nn
 from .conv import mode_matrices, spectrum
 from .factorize import work_dtype
-from .calibrate import collect_stats, whitening
+from .budget import whitened_spectra
 
 # %% auto #0
 __all__ = ['plot_report']
@@ -31,17 +31,18 @@ def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectr
     if model is not None:
         mods = dict(model.named_modules())
         rows = [row for _, row in dec.head(max_spectra).iterrows() if hasattr(mods.get(row['name']), 'weight')]
-        whiten = {}
-        if data is not None:
-            can = {row['name']: mods[row['name']] for row in rows if isinstance(mods[row['name']], nn.Linear) or
-                   (row['method'] in ('svd', 'tucker') and getattr(mods[row['name']], 'groups', 1) == 1)}
-            whiten = {n: whitening(st.sigma) for n, st in collect_stats(model, data, can, n_batches).items() if st.n}
+        # the ranks of svd/tucker convs and Linears are read from the output-side whitened spectrum (`whitened_spectra`)
+        can = {row['name']: mods[row['name']] for row in rows if isinstance(mods[row['name']], nn.Linear) or
+               (row['method'] in ('svd', 'tucker') and getattr(mods[row['name']], 'groups', 1) == 1)}
+        white = whitened_spectra(model, data, n_batches, 'svd', can) if data is not None and can else None
         for row in rows:
-            m = mods[row['name']]
-            W = m.weight.detach(); W = W.to(work_dtype(W))
-            if row['name'] in whiten: M = W.double().reshape(W.shape[0], -1) @ whiten[row['name']].to(W.device)
-            else: M = W if isinstance(m, nn.Linear) else mode_matrices(W, row['method'] if row['method'] in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0]
-            spectra.append((row['name'], spectrum(M).cpu(), row['ranks'][0]))
+            name, m = row['name'], mods[row['name']]
+            ws = white(name, m) if white is not None and name in can else None
+            if ws is not None: s = ws[0]
+            else:
+                W = m.weight.detach(); W = W.to(work_dtype(W))
+                s = spectrum(W if isinstance(m, nn.Linear) else mode_matrices(W, row['method'] if row['method'] in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0])
+            spectra.append((name, s.cpu(), row['ranks'][0]))
     fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 8, 4), squeeze=False)
     ax = axes[0, 0]
     x = range(len(r))
