@@ -2,6 +2,7 @@ import pytest, torch, torchvision
 from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
+from fasterai.decompose.calibrate import collect_stats
 
 @pytest.mark.parametrize('budget', [0.3, 0.5, 0.7])
 def test_params_budget_hits_target(budget):
@@ -88,3 +89,48 @@ def test_sensitivity_falls_back_when_the_output_is_not_a_float_tensor():
     assert abs(n_params(small) / n_params(model) - 0.6) < 0.02
     with pytest.raises(TypeError, match='float tensor'):
         decompose(model, budget=0.6, data=x, sensitivity=True, verbose=False)
+
+
+def _convs_then_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.Tanh(), nn.Conv2d(64, 64, 3, padding=1), nn.Tanh(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 128), nn.Tanh(), nn.Linear(128, 10)).eval()
+    mix = torch.randn(8, 8)
+    draw = lambda n: torch.einsum('cd,bdhw->bchw', mix, torch.randn(n, 8, 12, 12)).contiguous()
+    return model, draw
+
+
+@pytest.mark.parametrize('n_calib', [4, 8])
+def test_budget_with_few_calibration_rows_does_not_overfit(n_calib):
+    # The convs see n·144 patch rows, the Linear n rows: read raw, its Σ has rank n and its whitened spectrum says
+    # rank n loses nothing, so the budget cuts it to about n to spare the convs. Read from the shrunk Σ̂
+    # (shrinkage='auto') the held-out error is lower, and no worse than weight-only.
+    model, draw = _convs_then_linears()
+    calib, test = draw(n_calib), draw(2000)
+    with torch.no_grad(): ref = model(test)
+    def err(m):
+        with torch.no_grad(): return float((m(test) - ref).norm() / ref.norm())
+    raw = decompose(model, budget=0.5, data=calib, shrinkage=0, sensitivity=False, verbose=False)
+    r_raw = decompose.report.set_index('name').ranks
+    auto = decompose(model, budget=0.5, data=calib, sensitivity=False, verbose=False)
+    r_auto = decompose.report.set_index('name').ranks
+    weight_only = decompose(model, budget=0.5, verbose=False)
+    for m in (raw, auto): assert abs(n_params(m) / n_params(model) - 0.5) < 0.01
+    assert r_raw['6'][0] <= n_calib < r_auto['6'][0]
+    assert err(auto) < 0.9 * err(raw), (err(raw), err(auto))
+    assert err(auto) < 1.05 * err(weight_only), (err(auto), err(weight_only))
+
+
+def test_shrinkage_is_checked_and_vanishes_with_many_rows():
+    model, draw = _convs_then_linears()
+    for bad in (-0.1, 2, 'lw'):
+        with pytest.raises(ValueError, match='shrinkage'): FC_Decomposer().decompose(model, data=draw(4), shrinkage=bad)
+    with pytest.raises(ValueError, match='shrinkage'): decompose(model, budget=0.5, data=draw(4), shrinkage='lw')
+    x = draw(256)
+    st = collect_stats(model, x, {'0': model[0]}, n_batches=None)['0']
+    assert float(st.shrinkage) < 0.01                                    # 36,864 patch rows for 72 dims: Σ̂ ≈ Σ
+    def rank(**kw):
+        d = Conv_Decomposer()
+        d.decompose(model, method='svd', energy_threshold=0.95, data=x, layers=['2'], allow_growth=True, verbose=False, **kw)
+        return d.report.ranks[0][0]
+    assert abs(rank() - rank(shrinkage=0)) <= 1

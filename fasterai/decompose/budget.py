@@ -112,7 +112,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
-def whitened_spectra(model, data, n_batches, method, cands):
+def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto'):
     "A function (name, layer) → spectra per rank slot of the whitened weight (output side), from one calibration pass."
     mods = {n: m for n, m in cands.items() if supports_stats(m)}
     stats = collect_stats(model, data, mods, n_batches)
@@ -120,10 +120,11 @@ def whitened_spectra(model, data, n_batches, method, cands):
         st = stats.get(name)
         if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')): return None
         W = m.weight.detach().double()
-        Wl = W.reshape(W.shape[0], -1) @ whitening(st.sigma.to(W.device))
+        S = st.estimate(shrinkage).to(W.device)                                    # ranks are read from the shrunk Σ̂
+        Wl = W.reshape(W.shape[0], -1) @ whitening(S)
         if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
-        S, K = W.shape[1], math.prod(W.shape[2:])
-        C = st.sigma.to(W.device).reshape(S, K, S, K).diagonal(dim1=1, dim2=3).mean(-1)   # channel second moment
+        Sc, K = W.shape[1], math.prod(W.shape[2:])
+        C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)               # channel second moment
         return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
     return f
 
@@ -190,7 +191,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     data = kwargs.get('data')
     if data is not None and run is None: run = sample_runner(model, None, data)
     shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
-    spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands) if data is not None else None
+    spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto'))) if data is not None else None
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
     if not plans: raise ValueError('no layer of the model can be decomposed')
     auto = sensitivity is None

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from .factorize import *
 from .factorize import _subspace_change
+from .ranks import check_range
 
 # %% auto #0
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
-           'supports_stats', 'InputStats', 'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error',
-           'predicted_error', 'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats',
-           'compensated_target']
+           'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'collect_stats', 'whitening',
+           'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error', 'whitened_channel_svd',
+           'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -102,10 +103,38 @@ def supports_stats(m, grouped: bool = False) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, CONV_STAT_TYPES) and (grouped or m.groups == 1))
 
 # %% ../../nbs/03_calibrate.ipynb #c017
+def check_shrinkage(shrinkage):
+    "Validate `shrinkage`: `'auto'` (Ledoit–Wolf) or a number in [0, 1]."
+    if isinstance(shrinkage, str):
+        if shrinkage != 'auto': raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+        return shrinkage
+    return check_range('shrinkage', shrinkage, 0, 1)
+
+def lw_shrinkage(sigma, s4, n: int) -> torch.Tensor:
+    "Ledoit–Wolf α per group for the second moment `sigma` ((d, d) or (g, d, d)) of `n` rows whose ‖x‖⁴ sum to `s4` (per group)."
+    S = sigma if sigma.dim() == 3 else sigma[None]
+    if n < 2 or s4 is None: return torch.ones(len(S), dtype=torch.float64)
+    d = S.shape[-1]
+    tr = S.diagonal(dim1=1, dim2=2).sum(-1)
+    mu, fro2 = tr / d, S.pow(2).sum((1, 2))
+    d2 = (fro2 - 2 * mu * tr + mu.pow(2) * d).clamp_min(0)                   # ‖Σ − μI‖²_F
+    b2 = ((torch.as_tensor(s4, dtype=S.dtype, device=S.device).reshape(-1) / n - fro2) / n).clamp_min(0)
+    return torch.where(d2 > 0, torch.minimum(b2, d2) / d2.clamp_min(1e-300), torch.zeros_like(d2)).cpu()
+
+def shrink(sigma, alpha) -> torch.Tensor:
+    "(1 − α)Σ + α·tr(Σ)/d·I, for `sigma` (d, d) or (g, d, d) and α a number or one per group; keeps the trace."
+    S = sigma if sigma.dim() == 3 else sigma[None]
+    a = torch.as_tensor(alpha, dtype=S.dtype).reshape(-1).expand(len(S)).to(S.device)
+    if not bool((a > 0).any()): return sigma
+    d = S.shape[-1]
+    mu = S.diagonal(dim1=1, dim2=2).sum(-1) / d
+    out = (1 - a)[:, None, None] * S + (a * mu)[:, None, None] * torch.eye(d, dtype=S.dtype, device=S.device)
+    return out if sigma.dim() == 3 else out[0]
+
 class InputStats:
     "Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by its weight."
     chunk_elems = 2 ** 24
-    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma = groups, 0, None
+    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma, self._s4 = groups, 0, None, None
 
     def update(self, rows):
         "Fold rows (N, g·d) into the running mean of x xᵀ."
@@ -114,6 +143,8 @@ class InputStats:
         if nb == 0: return
         R = rows.reshape(nb, self.groups, -1).transpose(0, 1)              # (g, N, d)
         G = R.transpose(1, 2) @ R
+        q = R.pow(2).sum(-1).pow(2).sum(-1)                                  # (g,) Σ‖x‖⁴, for the shrinkage weight
+        self._s4 = q if self._s4 is None else self._s4 + q
         if self.groups == 1: G = G[0]
         if self._sigma is None: self._sigma = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         n = self.n + nb
@@ -136,9 +167,18 @@ class InputStats:
         if self._sigma is None: raise ValueError('InputStats has seen no inputs')
         return self._sigma
 
+    @property
+    def shrinkage(self) -> torch.Tensor:
+        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far Σ should move toward tr(Σ)/d·I, given how few rows it saw."
+        return lw_shrinkage(self.sigma, self._s4, self.n)
+
+    def estimate(self, shrinkage='auto') -> torch.Tensor:
+        "Σ̂ = (1 − α)Σ + α·tr(Σ)/d·I with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
+        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage))
+
     def __repr__(self): return f'InputStats(n={self.n}, sigma={None if self._sigma is None else tuple(self._sigma.shape)})'
 
-# %% ../../nbs/03_calibrate.ipynb #c021
+# %% ../../nbs/03_calibrate.ipynb #c026
 class _Stop(Exception): pass
 
 def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=None, stop_early: bool = False) -> dict:
@@ -170,7 +210,7 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
     if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
 
-# %% ../../nbs/03_calibrate.ipynb #c026
+# %% ../../nbs/03_calibrate.ipynb #c031
 def whitening(sigma, ridge: float = 1e-6):
     "A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped eigendecomposition; batched over groups."
     if sigma.dim() == 3: return torch.stack([whitening(s, ridge) for s in sigma])
@@ -193,7 +233,7 @@ def unwhiten(B, L):
     if bool((L.triu(1) == 0).all()): return torch.linalg.solve_triangular(L, B, upper=False, left=False)
     return torch.linalg.solve(L, B, left=False)
 
-# %% ../../nbs/03_calibrate.ipynb #c030
+# %% ../../nbs/03_calibrate.ipynb #c035
 def _eig_top(G, r):
     "Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric PSD `G`."
     ev, V = torch.linalg.eigh((G + G.T) / 2)
@@ -243,7 +283,7 @@ def predicted_error(s, r: int):
     lost, tot = sum(float(t[r:].pow(2).sum()) for t in ss), sum(float(t.pow(2).sum()) for t in ss)
     return math.sqrt(lost / tot) if tot > 0 else 0.0
 
-# %% ../../nbs/03_calibrate.ipynb #c036
+# %% ../../nbs/03_calibrate.ipynb #c043
 def _group_sigma(sigma, groups, d):
     "Σ as (groups, d, d): a per-group stack as is, or the diagonal blocks of a full patch Σ."
     if sigma.dim() == 3:
@@ -264,7 +304,7 @@ def whitened_channel_svd(W, sigma, r: int, groups: int = 1, ridge: float = 1e-6)
         firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
-# %% ../../nbs/03_calibrate.ipynb #c041
+# %% ../../nbs/03_calibrate.ipynb #c048
 def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1, ridge: float = 1e-6):
     "`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second moment `sigma`; float64, `info['error']` the predicted relative error."
     if groups != 1: raise NotImplementedError('whitened_tucker2 handles groups=1 only')
@@ -319,13 +359,15 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
-# %% ../../nbs/03_calibrate.ipynb #c048
+# %% ../../nbs/03_calibrate.ipynb #c055
 class PairStats:
     "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
-    def __init__(self): self.sum, self.cross_sum, self.n = None, None, 0
+    def __init__(self): self.sum, self.cross_sum, self.n, self._s4 = None, None, 0, None
     def update(self, x, xt):
         x, xt = x.detach().double(), xt.detach().double()
         g, c = xt.T @ xt, x.T @ xt
+        q = xt.pow(2).sum(-1).pow(2).sum()
+        self._s4 = q if self._s4 is None else self._s4 + q
         self.sum = g if self.sum is None else self.sum + g
         self.cross_sum = c if self.cross_sum is None else self.cross_sum + c
         self.n += x.shape[0]
@@ -333,6 +375,9 @@ class PairStats:
     def sigma(self): return self.sum / max(self.n, 1)
     @property
     def cross(self): return self.cross_sum / max(self.n, 1)
+    @property
+    def shrinkage(self): return lw_shrinkage(self.sigma, self._s4, self.n)
+    def estimate(self, shrinkage='auto'): return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage))
 
 def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
     "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."

@@ -183,7 +183,8 @@ class Conv_Decomposer(Decomposer):
                   energy_threshold: float | None = None, layers=None, exclude=None, n_iter: int = 10, tol: float = 1e-4,
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
-                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
+                  verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -195,6 +196,7 @@ class Conv_Decomposer(Decomposer):
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
+        check_shrinkage(shrinkage)
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
 
         def plan(name, conv, in_shape, work):
@@ -205,7 +207,7 @@ class Conv_Decomposer(Decomposer):
             full = full_ranks(conv, method)
             st = stats_for(name, conv, work) if supports_stats(conv) else None
             if st is not None and st.n == 0: st = None
-            L = whitening(st.sigma) if st is not None and method in ('svd', 'tucker') else None
+            L = whitening(st.estimate(shrinkage)) if st is not None and method in ('svd', 'tucker') else None   # ranks: shrunk Σ̂
             Wt = layer_target(W, st) if L is not None else W                 # what the block should reproduce
             given = self.explicit_rank(ranks, name)
             if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f if method != 'cp' else cp_rank_bound(conv)) for v, f in zip(r, full))

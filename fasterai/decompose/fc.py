@@ -31,12 +31,14 @@ class FC_Decomposer(Decomposer):
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
-                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, verbose: bool = True) -> nn.Module:
+                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
+                  verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
+        check_shrinkage(shrinkage)
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
 
         def plan(name, lin, in_shape, work):
@@ -46,7 +48,7 @@ class FC_Decomposer(Decomposer):
             st = stats_for(name, lin, work)
             if st is not None and st.n == 0: st = None
             Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
-            if st is not None: Ww = Wt.double() @ whitening(st.sigma.to(W.device))      # rank rules see the whitened spectrum
+            if st is not None: Ww = Wt.double() @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
             m, n = W.shape
             full = min(m, n)
             given = self.explicit_rank(ranks, name)

@@ -18,11 +18,13 @@ from .budget import whitened_spectra
 __all__ = ['plot_report']
 
 # %% ../../nbs/12_report.ipynb #c004
-def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8, data=None, n_batches: int | None = 4):
+def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8, data=None, n_batches: int | None = 4,
+                shrinkage='auto'):
     """A matplotlib figure of a decomposer's `report`: params before/after per layer (skipped layers hatched), and,
     given the original `model`, each decomposed layer's normalized spectrum with the kept rank marked. With the
     calibration `data` the ranks were chosen with, the spectra are those of the whitened weights (W L, L Lᵀ the
-    layer's input second moment), the ones data-aware ranks are read from; else the weights' own."""
+    layer's input second moment, shrunk by `shrinkage` as the decomposers do), the ones data-aware ranks are read
+    from; else the weights' own."""
     import matplotlib
     import matplotlib.pyplot as plt
     r = report.reset_index(drop=True)
@@ -34,7 +36,7 @@ def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectr
         # the ranks of svd/tucker convs and Linears are read from the output-side whitened spectrum (`whitened_spectra`)
         can = {row['name']: mods[row['name']] for row in rows if isinstance(mods[row['name']], nn.Linear) or
                (row['method'] in ('svd', 'tucker') and getattr(mods[row['name']], 'groups', 1) == 1)}
-        white = whitened_spectra(model, data, n_batches, 'svd', can) if data is not None and can else None
+        white = whitened_spectra(model, data, n_batches, 'svd', can, shrinkage) if data is not None and can else None
         for row in rows:
             name, m = row['name'], mods[row['name']]
             ws = white(name, m) if white is not None and name in can else None
