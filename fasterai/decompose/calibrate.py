@@ -126,9 +126,9 @@ def shrink(sigma, alpha) -> torch.Tensor:
     S = sigma if sigma.dim() == 3 else sigma[None]
     a = torch.as_tensor(alpha, dtype=S.dtype).reshape(-1).expand(len(S)).to(S.device)
     if not bool((a > 0).any()): return sigma
-    d = S.shape[-1]
-    mu = S.diagonal(dim1=1, dim2=2).sum(-1) / d
-    out = (1 - a)[:, None, None] * S + (a * mu)[:, None, None] * torch.eye(d, dtype=S.dtype, device=S.device)
+    mu = S.diagonal(dim1=1, dim2=2).sum(-1) / S.shape[-1]
+    out = S * (1 - a)[:, None, None]
+    out.diagonal(dim1=1, dim2=2).add_((a * mu)[:, None])
     return out if sigma.dim() == 3 else out[0]
 
 class InputStats:
@@ -351,6 +351,7 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
         errors.append(math.sqrt(max(total - cap, 0) / total))
         if best is None or cap > best[3]: best = (Q, C, U_in, cap)
         if r_in >= S: break                                                   # U_in is then optimal: done
+        if len(errors) > 1 and errors[-2] - errors[-1] < tol: break         # no longer helping (or, non-separable Σ, hurting)
         U_new = fit_in(Q)
         done = _subspace_change(U_new, U_in) < tol
         U_in = U_new

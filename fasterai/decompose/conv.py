@@ -207,13 +207,14 @@ class Conv_Decomposer(Decomposer):
             full = full_ranks(conv, method)
             st = stats_for(name, conv, work) if supports_stats(conv) else None
             if st is not None and st.n == 0: st = None
-            L = whitening(st.estimate(shrinkage)) if st is not None and method in ('svd', 'tucker') else None   # ranks: shrunk Σ̂
-            Wt = layer_target(W, st) if L is not None else W                 # what the block should reproduce
+            aware = st is not None and method in ('svd', 'tucker')
+            Wt = layer_target(W, st) if aware else W                         # what the block should reproduce
             given = self.explicit_rank(ranks, name)
             if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f if method != 'cp' else cp_rank_bound(conv)) for v, f in zip(r, full))
             else:
                 mats = mode_matrices(Wt.to(work_dtype(W)), method, g)
-                if L is not None: mats[0] = [mats[0][0].double() @ L]      # output-side rank from the whitened spectrum
+                if aware and (energy_threshold is not None or rank == 'vbmf'):   # output-side rank from the whitened spectrum of Σ̂
+                    mats[0] = [mats[0][0].double() @ whitening(st.estimate(shrinkage))]
                 r = choose_ranks(mats, full, percent_removed, energy_threshold, rank, calibration)
             row['ranks'] = r
             size = tuple(in_shape[2:]) if in_shape else _nominal_size(conv)
@@ -224,7 +225,7 @@ class Conv_Decomposer(Decomposer):
             if not allow_growth and (pa >= pb or ma >= mb):
                 what = 'params' if pa >= pb else 'MACs'
                 return None, dict(row, reason=f'would not reduce {what} at ranks {r} ({pa if what == "params" else ma:,} ≥ {pb if what == "params" else mb:,})')
-            if L is not None: facs, Wh, row['predicted_error'] = whitened_conv(Wt, method, r, st.sigma, n_iter, tol)
+            if aware: facs, Wh, row['predicted_error'] = whitened_conv(Wt, method, r, st.sigma, n_iter, tol)
             else: facs, Wh = factorize_conv(W, method, r, g, n_iter, tol, cp_iter)
             if st is not None: row['output_error'] = output_error(Wt, Wh.to(W.device), st.sigma.to(W.device))
             if not all(torch.isfinite(f).all() for f in (facs[0] if method == 'cp' else facs)):

@@ -48,7 +48,8 @@ class FC_Decomposer(Decomposer):
             st = stats_for(name, lin, work)
             if st is not None and st.n == 0: st = None
             Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
-            if st is not None: Ww = Wt.double() @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
+            if st is not None and (energy_threshold is not None or rank == 'vbmf'):
+                Ww = Wt.double() @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
             m, n = W.shape
             full = min(m, n)
             given = self.explicit_rank(ranks, name)
