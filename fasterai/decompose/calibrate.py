@@ -18,9 +18,9 @@ from .ranks import check_range
 
 # %% auto #0
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
-           'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'collect_stats', 'whitening',
-           'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error', 'whitened_channel_svd',
-           'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target']
+           'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'token_mask', 'real_tokens',
+           'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error',
+           'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -181,16 +181,27 @@ class InputStats:
 # %% ../../nbs/03_calibrate.ipynb #c026
 class _Stop(Exception): pass
 
+def token_mask(item):
+    "The (B, T) boolean `attention_mask` of a keyword batch (a tokenizer's output), else None."
+    kind, v = item
+    m = v.get('attention_mask') if kind == 'kwargs' else None
+    return m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+def real_tokens(m, x, mask):
+    "A Linear's (B, T, C) input `x` without the padded positions of `mask` (B, T), as (N, C) rows; anything else unchanged."
+    if mask is None or not isinstance(m, nn.Linear) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape): return x
+    return x[mask.to(x.device)]
+
 def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=None, stop_early: bool = False) -> dict:
     "Input second moments (`InputStats`) of `modules` (name → module of `model`) over `n_batches` of `data`; the model is left as it was."
     for n, m in modules.items():
         if not supports_stats(m, grouped=True): raise TypeError(f'{n!r}: input statistics need nn.Linear or nn.Conv1d/2d/3d, got {type(m).__name__}')
     stats = {n: InputStats(1 if isinstance(m, nn.Linear) else m.groups) for n, m in modules.items()}
     modes = {m: m.training for m in [*model.modules(), *modules.values()]}
-    seen, hooks = set(), []
+    seen, hooks, mask = set(), [], [None]
     def hook(name, m):
         def f(mod, args, kwargs):
-            stats[name].add(m, args[0] if args else kwargs['input'])
+            stats[name].add(m, real_tokens(m, args[0] if args else kwargs['input'], mask[0]))
             seen.add(name)
             if stop_early and len(seen) == len(stats): raise _Stop()
         return f
@@ -200,7 +211,7 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
         model.eval()
         with torch.no_grad():
             for item in iter_batches(data, n_batches):
-                seen.clear()
+                seen.clear(); mask[0] = token_mask(item)
                 try: run_model(model, item, device)
                 except _Stop: pass
     finally:
@@ -210,7 +221,7 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
     if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
 
-# %% ../../nbs/03_calibrate.ipynb #c031
+# %% ../../nbs/03_calibrate.ipynb #c033
 def whitening(sigma, ridge: float = 1e-6):
     "A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped eigendecomposition; batched over groups."
     if sigma.dim() == 3: return torch.stack([whitening(s, ridge) for s in sigma])
@@ -233,7 +244,7 @@ def unwhiten(B, L):
     if bool((L.triu(1) == 0).all()): return torch.linalg.solve_triangular(L, B, upper=False, left=False)
     return torch.linalg.solve(L, B, left=False)
 
-# %% ../../nbs/03_calibrate.ipynb #c035
+# %% ../../nbs/03_calibrate.ipynb #c037
 def _eig_top(G, r):
     "Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric PSD `G`."
     ev, V = torch.linalg.eigh((G + G.T) / 2)
@@ -283,7 +294,7 @@ def predicted_error(s, r: int):
     lost, tot = sum(float(t[r:].pow(2).sum()) for t in ss), sum(float(t.pow(2).sum()) for t in ss)
     return math.sqrt(lost / tot) if tot > 0 else 0.0
 
-# %% ../../nbs/03_calibrate.ipynb #c043
+# %% ../../nbs/03_calibrate.ipynb #c045
 def _group_sigma(sigma, groups, d):
     "Σ as (groups, d, d): a per-group stack as is, or the diagonal blocks of a full patch Σ."
     if sigma.dim() == 3:
@@ -304,7 +315,7 @@ def whitened_channel_svd(W, sigma, r: int, groups: int = 1, ridge: float = 1e-6)
         firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
-# %% ../../nbs/03_calibrate.ipynb #c048
+# %% ../../nbs/03_calibrate.ipynb #c050
 def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1, ridge: float = 1e-6):
     "`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second moment `sigma`; float64, `info['error']` the predicted relative error."
     if groups != 1: raise NotImplementedError('whitened_tucker2 handles groups=1 only')
@@ -360,7 +371,7 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
-# %% ../../nbs/03_calibrate.ipynb #c055
+# %% ../../nbs/03_calibrate.ipynb #c057
 class PairStats:
     "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
     def __init__(self): self.sum, self.cross_sum, self.n, self._s4 = None, None, 0, None
@@ -382,11 +393,11 @@ class PairStats:
 
 def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
     "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."
-    st, got, hooks = PairStats(), {}, []
+    st, got, hooks, mask = PairStats(), {}, [], [None]
     modes = {m: m.training for m in [*ref_model.modules(), *model.modules()]}
     def hook(key, m):
         def f(mod, args, kwargs):
-            got[key] = layer_inputs(m, args[0] if args else kwargs['input'])
+            got[key] = layer_inputs(m, real_tokens(m, args[0] if args else kwargs['input'], mask[0]))
             raise _Stop()
         return f
     try:
@@ -395,7 +406,7 @@ def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: in
         ref_model.eval(); model.eval()
         with torch.no_grad():
             for item in iter_batches(data, n_batches):
-                got.clear()
+                got.clear(); mask[0] = token_mask(item)
                 for key, m in (('ref', ref_model), ('new', model)):
                     try: run_model(m, item, model_device(m))
                     except _Stop: pass
