@@ -110,31 +110,43 @@ def check_shrinkage(shrinkage):
         return shrinkage
     return check_range('shrinkage', shrinkage, 0, 1)
 
-def lw_shrinkage(sigma, s4, n: int) -> torch.Tensor:
-    "Ledoit–Wolf α per group for the second moment `sigma` ((d, d) or (g, d, d)) of `n` rows whose ‖x‖⁴ sum to `s4` (per group)."
-    S = sigma if sigma.dim() == 3 else sigma[None]
-    if n < 2 or s4 is None: return torch.ones(len(S), dtype=torch.float64)
-    d = S.shape[-1]
-    tr = S.diagonal(dim1=1, dim2=2).sum(-1)
-    mu, fro2 = tr / d, S.pow(2).sum((1, 2))
-    d2 = (fro2 - 2 * mu * tr + mu.pow(2) * d).clamp_min(0)                   # ‖Σ − μI‖²_F
-    b2 = ((torch.as_tensor(s4, dtype=S.dtype, device=S.device).reshape(-1) / n - fro2) / n).clamp_min(0)
+def _per_group(v, g): return None if v is None else torch.as_tensor(v, dtype=torch.float64).reshape(g, -1)
+
+def lw_shrinkage(sigma, n: int, s4, total=None, t=None) -> torch.Tensor:
+    """Ledoit–Wolf α per group for the covariance part of the second moment `sigma` ((d, d) or (g, d, d)) of `n` rows,
+    from the rows' sums Σ‖x‖⁴ (`s4`), Σx (`total`) and Σ‖x‖²x (`t`), per group; without `total` the mean is taken as 0."""
+    S = (sigma if sigma.dim() == 3 else sigma[None]).double()
+    g, d = S.shape[0], S.shape[-1]
+    if n < 2 or s4 is None: return torch.ones(g, dtype=torch.float64)
+    s4 = _per_group(s4, g).to(S.device)[:, 0]
+    if total is None: m, t = torch.zeros(g, d, dtype=S.dtype, device=S.device), torch.zeros(g, d, dtype=S.dtype, device=S.device)
+    else: m, t = _per_group(total, g).to(S.device) / n, _per_group(t, g).to(S.device)
+    c = m.pow(2).sum(-1)                                                       # ‖m‖²
+    trS, mSm = S.diagonal(dim1=1, dim2=2).sum(-1), torch.einsum('gi,gij,gj->g', m, S, m)
+    s4c = s4 + 4 * n * mSm - 3 * n * c.pow(2) - 4 * (m * t).sum(-1) + 2 * n * c * trS   # Σ‖x − m‖⁴
+    C = S - m[:, :, None] * m[:, None, :]                                      # covariance
+    tr = C.diagonal(dim1=1, dim2=2).sum(-1)
+    mu, fro2 = tr / d, C.pow(2).sum((1, 2))
+    d2 = (fro2 - 2 * mu * tr + mu.pow(2) * d).clamp_min(0)                    # ‖C − μI‖²_F
+    b2 = ((s4c / n - fro2) / n).clamp_min(0)                                  # spread of the rows' (x−m)(x−m)ᵀ around C, / n
     return torch.where(d2 > 0, torch.minimum(b2, d2) / d2.clamp_min(1e-300), torch.zeros_like(d2)).cpu()
 
-def shrink(sigma, alpha) -> torch.Tensor:
-    "(1 − α)Σ + α·tr(Σ)/d·I, for `sigma` (d, d) or (g, d, d) and α a number or one per group; keeps the trace."
+def shrink(sigma, alpha, mean=None) -> torch.Tensor:
+    """m mᵀ + (1 − α)C + α·tr(C)/d·I with C = Σ − m mᵀ (the covariance), for `sigma` (d, d) or (g, d, d), α a number
+    or one per group, `mean` m per group (default 0); keeps the mean's direction and the trace."""
     S = sigma if sigma.dim() == 3 else sigma[None]
     a = torch.as_tensor(alpha, dtype=S.dtype).reshape(-1).expand(len(S)).to(S.device)
     if not bool((a > 0).any()): return sigma
-    mu = S.diagonal(dim1=1, dim2=2).sum(-1) / S.shape[-1]
-    out = S * (1 - a)[:, None, None]
+    m = torch.zeros(S.shape[:2], dtype=S.dtype, device=S.device) if mean is None else _per_group(mean, len(S)).to(S.device, S.dtype)
+    mu = (S.diagonal(dim1=1, dim2=2).sum(-1) - m.pow(2).sum(-1)) / S.shape[-1]
+    out = S * (1 - a)[:, None, None] + a[:, None, None] * (m[:, :, None] * m[:, None, :])
     out.diagonal(dim1=1, dim2=2).add_((a * mu)[:, None])
     return out if sigma.dim() == 3 else out[0]
 
 class InputStats:
     "Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by its weight."
     chunk_elems = 2 ** 24
-    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma, self._s4 = groups, 0, None, None
+    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma, self._s4, self._sum, self._t = groups, 0, None, None, None, None
 
     def update(self, rows):
         "Fold rows (N, g·d) into the running mean of x xᵀ."
@@ -143,8 +155,7 @@ class InputStats:
         if nb == 0: return
         R = rows.reshape(nb, self.groups, -1).transpose(0, 1)              # (g, N, d)
         G = R.transpose(1, 2) @ R
-        q = R.pow(2).sum(-1).pow(2).sum(-1)                                  # (g,) Σ‖x‖⁴, for the shrinkage weight
-        self._s4 = q if self._s4 is None else self._s4 + q
+        self._moments(R)
         if self.groups == 1: G = G[0]
         if self._sigma is None: self._sigma = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         n = self.n + nb
@@ -167,18 +178,28 @@ class InputStats:
         if self._sigma is None: raise ValueError('InputStats has seen no inputs')
         return self._sigma
 
+    def _moments(self, R):
+        "Fold the row sums the shrinkage weight needs (Σ‖x‖⁴, Σx, Σ‖x‖²x; per group) in; `R` is (g, N, d) float64."
+        a = R.pow(2).sum(-1)                                                    # (g, N) ‖x‖²
+        new = (a.pow(2).sum(-1), R.sum(1), (a[..., None] * R).sum(1))
+        old = (self._s4, self._sum, self._t)
+        self._s4, self._sum, self._t = new if old[0] is None else tuple(o + v for o, v in zip(old, new))
+
+    @property
+    def mean(self): return None if self._sum is None else self._sum / max(self.n, 1)
+
     @property
     def shrinkage(self) -> torch.Tensor:
-        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far Σ should move toward tr(Σ)/d·I, given how few rows it saw."
-        return lw_shrinkage(self.sigma, self._s4, self.n)
+        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far the covariance should move toward a multiple of I, given how few rows it saw."
+        return lw_shrinkage(self.sigma, self.n, self._s4, self._sum, self._t)
 
     def estimate(self, shrinkage='auto') -> torch.Tensor:
-        "Σ̂ = (1 − α)Σ + α·tr(Σ)/d·I with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
-        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage))
+        "Σ̂ = m mᵀ + (1 − α)C + α·tr(C)/d·I (C = Σ − m mᵀ) with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
+        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage), self.mean)
 
     def __repr__(self): return f'InputStats(n={self.n}, sigma={None if self._sigma is None else tuple(self._sigma.shape)})'
 
-# %% ../../nbs/03_calibrate.ipynb #c026
+# %% ../../nbs/03_calibrate.ipynb #c028
 class _Stop(Exception): pass
 
 def token_mask(item):
@@ -221,7 +242,7 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
     if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
 
-# %% ../../nbs/03_calibrate.ipynb #c033
+# %% ../../nbs/03_calibrate.ipynb #c035
 def whitening(sigma, ridge: float = 1e-6):
     "A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped eigendecomposition; batched over groups."
     if sigma.dim() == 3: return torch.stack([whitening(s, ridge) for s in sigma])
@@ -244,7 +265,7 @@ def unwhiten(B, L):
     if bool((L.triu(1) == 0).all()): return torch.linalg.solve_triangular(L, B, upper=False, left=False)
     return torch.linalg.solve(L, B, left=False)
 
-# %% ../../nbs/03_calibrate.ipynb #c037
+# %% ../../nbs/03_calibrate.ipynb #c039
 def _eig_top(G, r):
     "Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric PSD `G`."
     ev, V = torch.linalg.eigh((G + G.T) / 2)
@@ -294,7 +315,7 @@ def predicted_error(s, r: int):
     lost, tot = sum(float(t[r:].pow(2).sum()) for t in ss), sum(float(t.pow(2).sum()) for t in ss)
     return math.sqrt(lost / tot) if tot > 0 else 0.0
 
-# %% ../../nbs/03_calibrate.ipynb #c045
+# %% ../../nbs/03_calibrate.ipynb #c047
 def _group_sigma(sigma, groups, d):
     "Σ as (groups, d, d): a per-group stack as is, or the diagonal blocks of a full patch Σ."
     if sigma.dim() == 3:
@@ -315,7 +336,7 @@ def whitened_channel_svd(W, sigma, r: int, groups: int = 1, ridge: float = 1e-6)
         firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
-# %% ../../nbs/03_calibrate.ipynb #c050
+# %% ../../nbs/03_calibrate.ipynb #c052
 def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1, ridge: float = 1e-6):
     "`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second moment `sigma`; float64, `info['error']` the predicted relative error."
     if groups != 1: raise NotImplementedError('whitened_tucker2 handles groups=1 only')
@@ -371,15 +392,14 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
-# %% ../../nbs/03_calibrate.ipynb #c057
+# %% ../../nbs/03_calibrate.ipynb #c059
 class PairStats:
     "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
-    def __init__(self): self.sum, self.cross_sum, self.n, self._s4 = None, None, 0, None
+    def __init__(self): self.sum, self.cross_sum, self.n, self.groups, self._s4, self._sum, self._t = None, None, 0, 1, None, None, None
     def update(self, x, xt):
         x, xt = x.detach().double(), xt.detach().double()
         g, c = xt.T @ xt, x.T @ xt
-        q = xt.pow(2).sum(-1).pow(2).sum()
-        self._s4 = q if self._s4 is None else self._s4 + q
+        InputStats._moments(self, xt[None])
         self.sum = g if self.sum is None else self.sum + g
         self.cross_sum = c if self.cross_sum is None else self.cross_sum + c
         self.n += x.shape[0]
@@ -387,9 +407,7 @@ class PairStats:
     def sigma(self): return self.sum / max(self.n, 1)
     @property
     def cross(self): return self.cross_sum / max(self.n, 1)
-    @property
-    def shrinkage(self): return lw_shrinkage(self.sigma, self._s4, self.n)
-    def estimate(self, shrinkage='auto'): return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage))
+    mean, shrinkage, estimate = InputStats.mean, InputStats.shrinkage, InputStats.estimate
 
 def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
     "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."
