@@ -160,6 +160,9 @@ def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | N
                 if not (probes and out.requires_grad): continue
                 names = list(probes)
                 v = torch.randn(out.shape, generator=gen).to(out)
+                mask = token_mask(item)                                         # padded tokens' outputs are read by nothing
+                if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+                    v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))
                 grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True)
                 for k, g in zip(names, grads):
                     if g is not None: acc[k] += float(g.detach().double().pow(2).sum()) / width[k]
@@ -169,7 +172,7 @@ def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | N
         for m, t in modes.items(): m.training = t
     return {k: v / max(n, 1) for k, v in acc.items()}
 
-# %% ../../nbs/07_budget.ipynb #c014
+# %% ../../nbs/07_budget.ipynb #c016
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
               fc: bool = True, layers=None, exclude=None, *, input_shape=None, sensitivity: bool | None = None, inplace: bool = False,
               verbose: bool = True, **kwargs):

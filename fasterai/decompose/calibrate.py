@@ -65,7 +65,13 @@ def run_model(model, item, device=None):
     kind, v = item
     device = device if device is not None else model_device(model)
     if device is not None: v = _to(v, device)
-    return model(**v) if kind == 'kwargs' else model(*v)
+    if kind == 'kwargs': return model(**v)
+    try: return model(*v)
+    except TypeError as e:
+        if 'positional argument' not in str(e): raise
+        raise TypeError(f'{e}. Calibration batches that are tuples or lists are read as (input, target) and only the input '
+                        'is passed on; for a model with several inputs give dict batches of keyword arguments (model(**batch)) '
+                        'or a fastai DataLoader, whose n_inp says how many items are inputs') from e
 
 # %% ../../nbs/03_calibrate.ipynb #c012
 _PAD_MODES = dict(zeros='constant', reflect='reflect', replicate='replicate', circular='circular')
