@@ -104,7 +104,8 @@ def _convs_then_linears():
 def test_budget_with_few_calibration_rows_does_not_overfit(n_calib):
     # The convs see n·144 patch rows, the Linear n rows: read raw, its Σ has rank n and its whitened spectrum says
     # rank n loses nothing, so the budget cuts it to about n to spare the convs. Read from the shrunk Σ̂
-    # (shrinkage='auto') the held-out error is lower, and no worse than weight-only.
+    # (shrinkage='auto') the held-out error is lower (measured: 0.277 vs 0.348 at n=4) and within 5% of weight-only
+    # or better (0.300).
     model, draw = _convs_then_linears()
     calib, test = draw(n_calib), draw(2000)
     with torch.no_grad(): ref = model(test)

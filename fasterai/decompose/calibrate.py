@@ -149,10 +149,32 @@ def shrink(sigma, alpha, mean=None) -> torch.Tensor:
     out.diagonal(dim1=1, dim2=2).add_((a * mu)[:, None])
     return out if sigma.dim() == 3 else out[0]
 
-class InputStats:
+class _Moments:
+    "The row sums (Σ‖x‖⁴, Σx, Σ‖x‖²x; per group) behind the shrinkage weight, for a stats class with `sigma`, `n`, `groups`."
+    _s4 = _sum = _t = None
+    def _moments(self, R):
+        "Fold rows `R` (g, N, d), float64, in."
+        a = R.pow(2).sum(-1)                                                    # (g, N) ‖x‖²
+        new = (a.pow(2).sum(-1), R.sum(1), torch.einsum('gn,gnd->gd', a, R))
+        old = (self._s4, self._sum, self._t)
+        self._s4, self._sum, self._t = new if old[0] is None else tuple(o + v for o, v in zip(old, new))
+
+    @property
+    def mean(self): return None if self._sum is None else self._sum / max(self.n, 1)
+
+    @property
+    def shrinkage(self) -> torch.Tensor:
+        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far the covariance should move toward a multiple of I, given how few rows it saw."
+        return lw_shrinkage(self.sigma, self.n, self._s4, self._sum, self._t)
+
+    def estimate(self, shrinkage='auto') -> torch.Tensor:
+        "Σ̂ = m mᵀ + (1 − α)C + α·tr(C)/d·I (C = Σ − m mᵀ) with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
+        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage), self.mean)
+
+class InputStats(_Moments):
     "Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by its weight."
     chunk_elems = 2 ** 24
-    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma, self._s4, self._sum, self._t = groups, 0, None, None, None, None
+    def __init__(self, groups: int = 1): self.groups, self.n, self._sigma = groups, 0, None
 
     def update(self, rows):
         "Fold rows (N, g·d) into the running mean of x xᵀ."
@@ -183,25 +205,6 @@ class InputStats:
         "Σ: (d, d), or (groups, d, d) for a grouped conv."
         if self._sigma is None: raise ValueError('InputStats has seen no inputs')
         return self._sigma
-
-    def _moments(self, R):
-        "Fold the row sums the shrinkage weight needs (Σ‖x‖⁴, Σx, Σ‖x‖²x; per group) in; `R` is (g, N, d) float64."
-        a = R.pow(2).sum(-1)                                                    # (g, N) ‖x‖²
-        new = (a.pow(2).sum(-1), R.sum(1), (a[..., None] * R).sum(1))
-        old = (self._s4, self._sum, self._t)
-        self._s4, self._sum, self._t = new if old[0] is None else tuple(o + v for o, v in zip(old, new))
-
-    @property
-    def mean(self): return None if self._sum is None else self._sum / max(self.n, 1)
-
-    @property
-    def shrinkage(self) -> torch.Tensor:
-        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far the covariance should move toward a multiple of I, given how few rows it saw."
-        return lw_shrinkage(self.sigma, self.n, self._s4, self._sum, self._t)
-
-    def estimate(self, shrinkage='auto') -> torch.Tensor:
-        "Σ̂ = m mᵀ + (1 − α)C + α·tr(C)/d·I (C = Σ − m mᵀ) with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
-        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage), self.mean)
 
     def __repr__(self): return f'InputStats(n={self.n}, sigma={None if self._sigma is None else tuple(self._sigma.shape)})'
 
@@ -399,13 +402,14 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
 # %% ../../nbs/03_calibrate.ipynb #c059
-class PairStats:
+class PairStats(_Moments):
     "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
-    def __init__(self): self.sum, self.cross_sum, self.n, self.groups, self._s4, self._sum, self._t = None, None, 0, 1, None, None, None
+    groups = 1
+    def __init__(self): self.sum, self.cross_sum, self.n = None, None, 0
     def update(self, x, xt):
         x, xt = x.detach().double(), xt.detach().double()
         g, c = xt.T @ xt, x.T @ xt
-        InputStats._moments(self, xt[None])
+        self._moments(xt[None])
         self.sum = g if self.sum is None else self.sum + g
         self.cross_sum = c if self.cross_sum is None else self.cross_sum + c
         self.n += x.shape[0]
@@ -413,7 +417,6 @@ class PairStats:
     def sigma(self): return self.sum / max(self.n, 1)
     @property
     def cross(self): return self.cross_sum / max(self.n, 1)
-    mean, shrinkage, estimate = InputStats.mean, InputStats.shrinkage, InputStats.estimate
 
 def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
     "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."
