@@ -112,14 +112,17 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
-def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto'):
-    "A function (name, layer) → spectra per rank slot of the whitened weight (output side), from one calibration pass."
+def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None):
+    """A function (name, layer) → spectra per rank slot of the whitened weight (output side), from one calibration pass;
+    `roots` (name → (P, P⁻¹) or None, see `layer_out_roots`) adds the output weighting."""
     mods = {n: m for n, m in cands.items() if supports_stats(m)}
     stats = collect_stats(model, data, mods, n_batches)
     def f(name, m):
         st = stats.get(name)
         if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')): return None
         W = m.weight.detach().double()
+        P = roots(name) if roots is not None else None
+        if P is not None: W = apply_rows(P[0], W)
         S = st.estimate(shrinkage).to(W.device)                                    # ranks are read from the shrunk Σ̂
         Wl = W.reshape(W.shape[0], -1) @ whitening(S)
         if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
@@ -129,48 +132,12 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto'):
     return f
 
 # %% ../../nbs/07_budget.ipynb #c011
-def _first_tensor(out):
-    "The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or `ModelOutput`)."
-    if isinstance(out, torch.Tensor): return out if out.is_floating_point() else None
-    vals = list(out.values()) if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list)) else []
-    return next((t for t in map(_first_tensor, vals) if t is not None), None)
-
 def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | None = 4, seed: int = 0) -> dict:
     """Per layer in `modules` (name → module of `model`): ‖J‖²_F / d_out summed over the positions of a batch and
     averaged over `n_batches` of `data`, J the Jacobian of the model's (first) output with respect to that layer's output. Random-projection
-    estimate, one backward pass per batch; `model` is left as it was (modes, hooks, no `.grad`)."""
-    acc, probes, hooks = {n: 0. for n in modules}, {}, []
-    width = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in modules.items()}
-    def hook(name):
-        def f(mod, args, out):
-            z = torch.zeros_like(out, requires_grad=True)
-            probes[name] = z
-            return out + z
-        return f
-    modes, device = {m: m.training for m in model.modules()}, model_device(model)
-    gen, n = torch.Generator().manual_seed(seed), 0
-    try:
-        for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
-        model.eval()
-        with torch.enable_grad():
-            for item in iter_batches(data, n_batches):
-                probes.clear()
-                out = _first_tensor(run_model(model, item, device))
-                if out is None: raise TypeError('output_sensitivity needs a model whose output is (or contains) a float tensor')
-                if not (probes and out.requires_grad): continue
-                names = list(probes)
-                v = torch.randn(out.shape, generator=gen).to(out)
-                mask = token_mask(item)                                         # padded tokens' outputs are read by nothing
-                if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
-                    v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))
-                grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True)
-                for k, g in zip(names, grads):
-                    if g is not None: acc[k] += float(g.detach().double().pow(2).sum()) / width[k]
-                n += 1
-    finally:
-        for h in hooks: h.remove()
-        for m, t in modes.items(): m.training = t
-    return {k: v / max(n, 1) for k, v in acc.items()}
+    estimate, one backward pass per batch (the trace of `output_grams` with one probe); `model` is left as it was (modes, hooks, no `.grad`)."""
+    G = output_grams(model, data, modules, n_batches, n_probes=1, seed=seed, max_dim=0)
+    return {k: float(g.sum()) / g.numel() for k, g in G.items()}
 
 # %% ../../nbs/07_budget.ipynb #c016
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
@@ -180,7 +147,9 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
     (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware;
     `sensitivity` (default: on when `data` is given) weighs each layer's spectrum by how much its output error
-    moves the model's output (`output_sensitivity`). Returns the new model; `decompose.report` holds the per-layer rows."""
+    moves the model's output; with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each layer's
+    output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the factors. Returns the new model;
+    `decompose.report` holds the per-layer rows (with output weighting, `predicted_error` and `output_error` are in the weighted norm)."""
     if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
@@ -194,15 +163,27 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     data = kwargs.get('data')
     if data is not None and run is None: run = sample_runner(model, None, data)
     shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
-    spectra_fn = whitened_spectra(model, data, kwargs.get('n_batches', 8), method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto'))) if data is not None else None
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
-    if not plans: raise ValueError('no layer of the model can be decomposed')
     auto = sensitivity is None
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
-    sens = None
-    if sensitivity:
-        try: sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(kwargs.get('n_batches', 8) or 8, 4))
+    og = kwargs.pop('output_grams', 'auto' if sensitivity else None)
+    n_batches = kwargs.get('n_batches', 8) or 8
+    grams = sens = None
+    try:
+        if isinstance(og, str) and og == 'auto' and data is not None:
+            grams = output_grams(model, data, cands, min(n_batches, 8))
+            if sensitivity: sens = {n: float(g.sum() if g.dim() == 1 else g.diagonal().sum()) / g.shape[0] for n, g in grams.items()}
+    except TypeError as e:
+        if not auto: raise
+        warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
+        og, sensitivity = None, False
+    if grams is not None: og = grams
+    roots = layer_out_roots(og, model, data, n_batches, cands)
+    spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
+    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
+    if not plans: raise ValueError('no layer of the model can be decomposed')
+    if sensitivity and sens is None:
+        try: sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(n_batches, 4))
         except TypeError as e:
             if not auto: raise
             warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
@@ -219,12 +200,12 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if conv_names:
         d = Conv_Decomposer()
         out = d.decompose(out, method=method, layers=conv_names, ranks={n: chosen[n] for n in conv_names},
-                          inplace=inplace, input_shape=input_shape, verbose=False, **kwargs)
+                          inplace=inplace, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
         reports.append(d.report)
     if fc_names:
         d = FC_Decomposer()
         out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
-                          inplace=inplace or out is not model, input_shape=input_shape, verbose=False, **kwargs)
+                          inplace=inplace or out is not model, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
         reports.append(d.report)
     import pandas as pd
     decompose.report = pd.concat(reports, ignore_index=True) if reports else pd.DataFrame(columns=REPORT_COLUMNS)

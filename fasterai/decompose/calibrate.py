@@ -20,7 +20,8 @@ from .ranks import check_range
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
            'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'token_mask', 'real_tokens',
            'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error',
-           'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target']
+           'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target',
+           'output_grams', 'output_root', 'apply_rows']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -451,3 +452,80 @@ def compensated_target(W, st: PairStats, ridge: float = 1e-6):
     Sr = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
     W2 = W.reshape(W.shape[0], -1).double().to(S.device)
     return torch.linalg.solve(Sr, (W2 @ st.cross).T).T
+
+# %% ../../nbs/03_calibrate.ipynb #c062
+def _first_tensor(out):
+    "The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or `ModelOutput`)."
+    if isinstance(out, torch.Tensor): return out if out.is_floating_point() else None
+    vals = list(out.values()) if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list)) else []
+    return next((t for t in map(_first_tensor, vals) if t is not None), None)
+
+def _grad_rows(m, g, mask):
+    "A layer's output gradient as (positions, channels) rows: real tokens only for a masked (B, T, C) Linear output."
+    if isinstance(m, nn.Linear): return real_tokens(m, g, mask).reshape(-1, g.shape[-1])
+    return g.movedim(1, -1).reshape(-1, g.shape[1])                          # conv: channels are dim 1
+
+def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 8, n_probes: int = 4, seed: int = 0,
+                 max_dim: int = 2048) -> dict:
+    """Per layer in `modules` (name → Linear or conv of `model`): G = E[J^T J] summed over a batch's positions and averaged over
+    `n_probes` random projections on each of `n_batches` of `data`, J the Jacobian of the model's (first) output with respect
+    to the layer's output; a (d_out, d_out) float64 Gram, or its diagonal (d_out,) when d_out > `max_dim`. One forward and
+    `n_probes` backward passes per batch; padded tokens (a dict batch's `attention_mask`) are left out; `model` is left as it was."""
+    if not (isinstance(n_probes, int) and not isinstance(n_probes, bool) and n_probes >= 1): raise ValueError(f'n_probes must be an int >= 1, got {n_probes!r}')
+    width = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in modules.items()}
+    acc = {n: torch.zeros((w, w) if w <= max_dim else (w,), dtype=torch.float64) for n, w in width.items()}
+    probes, hooks = {}, []
+    def hook(name):
+        def f(mod, args, out):
+            z = torch.zeros_like(out, requires_grad=True)
+            probes[name] = z
+            return out + z
+        return f
+    modes, device = {m: m.training for m in model.modules()}, model_device(model)
+    gen, n = torch.Generator().manual_seed(seed), 0
+    try:
+        for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
+        model.eval()
+        with torch.enable_grad():
+            for item in iter_batches(data, n_batches):
+                probes.clear()
+                out = _first_tensor(run_model(model, item, device))
+                if out is None: raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
+                if not (probes and out.requires_grad): continue
+                names, mask = list(probes), token_mask(item)                  # padded tokens' outputs are read by nothing
+                for p in range(n_probes):
+                    v = torch.randn(out.shape, generator=gen).to(out)
+                    if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+                        v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))
+                    grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True, retain_graph=p < n_probes - 1)
+                    for k, g in zip(names, grads):
+                        if g is None: continue
+                        R = _grad_rows(modules[k], g.detach(), mask).double().cpu()
+                        acc[k] += R.T @ R if acc[k].dim() == 2 else R.pow(2).sum(0)
+                    n += 1
+    finally:
+        for h in hooks: h.remove()
+        for m, t in modes.items(): m.training = t
+    return {k: v / max(n, 1) for k, v in acc.items()}
+
+def output_root(G, damping: float = 0.05):
+    """(P, P⁻¹), symmetric, with P² = (1 − `damping`)·G/ḡ + `damping`·I, ḡ the mean eigenvalue of the Gram `G` (or of the
+    diagonal Gram given as a vector, then P is a vector too); the identity when G is zero."""
+    check_range('damping', damping, 0, 1, lo_closed=False)
+    G = torch.as_tensor(G).detach().double()
+    d = G.shape[0]
+    gbar = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / max(d, 1)
+    if not math.isfinite(gbar): raise ValueError('output Gram has NaN/Inf entries')
+    if gbar <= 0: return (torch.ones(d, dtype=G.dtype),) * 2 if G.dim() == 1 else (torch.eye(d, dtype=G.dtype),) * 2
+    if G.dim() == 1:
+        w = ((1 - damping) * G.clamp_min(0) / gbar + damping).sqrt()
+        return w, 1 / w
+    ev, V = torch.linalg.eigh((1 - damping) * (G + G.T) / (2 * gbar) + damping * torch.eye(d, dtype=G.dtype, device=G.device))
+    r = ev.clamp_min(damping).sqrt()                                          # ≥ damping in exact arithmetic
+    return (V * r) @ V.T, (V / r) @ V.T
+
+def apply_rows(P, M):
+    "P @ M for a matrix `P`, diag(P) @ M for a vector; M's rows are output channels (any trailing shape)."
+    P = P.to(M.device)
+    M2 = M.reshape(M.shape[0], -1).to(P.dtype)
+    return (P @ M2 if P.dim() == 2 else P[:, None] * M2).reshape(M.shape)

@@ -14,11 +14,13 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .calibrate import *
+from .calibrate import output_grams as _output_grams
+from collections.abc import Mapping
 
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'cp_rank_bound', 'full_ranks', 'mode_matrices',
-           'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_stats', 'layer_target',
-           'check_explicit_rank', 'sample_runner', 'Conv_Decomposer']
+           'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_out_roots', 'layer_stats',
+           'layer_target', 'check_explicit_rank', 'sample_runner', 'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -107,17 +109,36 @@ def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
 BUILDERS = dict(tucker=tucker_block, svd=svd_block, spatial=spatial_block, cp=cp_block)
 
 # %% ../../nbs/05_conv.ipynb #c010
-def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4):
-    "Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the rebuilt weight and the predicted relative error."
+def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
+    """Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the rebuilt weight and the
+    predicted relative error. With `out_root` = (P, P⁻¹) from `output_root`, the error minimized (and predicted) is ‖P(W − Ŵ)x‖."""
     T, S, *k = W.shape
-    K = math.prod(k)
-    W2 = W.reshape(T, -1).double()
+    Wp = W.double() if out_root is None else apply_rows(out_root[0], W.double())
+    back = (lambda M: M) if out_root is None else (lambda M: apply_rows(out_root[1], M))
     if method == 'svd':
         r = ranks[0]
-        A, B, s = whitened_lowrank(W2, sigma, r)
+        A, B, s = whitened_lowrank(Wp.reshape(T, -1), sigma, r)
+        A = back(A)
         return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
-    core, U_out, U_in, info = whitened_tucker2(W, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
+    core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
+    U_out = back(U_out)                                                 # the last 1×1 conv takes any matrix
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
+
+def layer_out_roots(output_grams, model, data, n_batches, cands):
+    """`output_grams` resolved to a function name → (P, P⁻¹) or None: `None` (no output weighting), `'auto'` (Grams of
+    `cands` from `data` on `model`, see `output_grams`) or a dict name → Gram (or diagonal) as `output_grams` returns."""
+    if output_grams is None: return lambda name: None
+    if isinstance(output_grams, str) and output_grams == 'auto':
+        if data is None: raise ValueError("output_grams='auto' needs data= (calibration batches)")
+        output_grams = _output_grams(model, data, dict(cands), min(n_batches, 8))
+    elif not isinstance(output_grams, Mapping):
+        raise ValueError(f"output_grams must be None, 'auto' or a dict of layer name → output Gram, got {type(output_grams).__name__}")
+    elif data is None: raise ValueError('output_grams needs data= (the output weighting is applied with the input whitening)')
+    roots = {}
+    def f(name):
+        if name not in roots: roots[name] = output_root(output_grams[name]) if output_grams.get(name) is not None else None
+        return roots[name]
+    return f
 
 def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None, compensate=False):
     """A function (name, module, work model) → statistics or None. Sequential: from the partly decomposed model, as
@@ -184,7 +205,7 @@ class Conv_Decomposer(Decomposer):
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  verbose: bool = True) -> nn.Module:
+                  output_grams=None, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -198,6 +219,7 @@ class Conv_Decomposer(Decomposer):
         if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
 
         def plan(name, conv, in_shape, work):
             row = dict(method=method)
@@ -209,12 +231,13 @@ class Conv_Decomposer(Decomposer):
             if st is not None and st.n == 0: st = None
             aware = st is not None and method in ('svd', 'tucker')
             Wt = layer_target(W, st) if aware else W                         # what the block should reproduce
+            P = root_for(name) if aware else None                             # output weighting (see `output_grams`)
             given = self.explicit_rank(ranks, name)
             if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f if method != 'cp' else cp_rank_bound(conv)) for v, f in zip(r, full))
             else:
                 mats = mode_matrices(Wt.to(work_dtype(W)), method, g)
                 if aware and (energy_threshold is not None or rank == 'vbmf'):   # output-side rank from the whitened spectrum of Σ̂
-                    mats[0] = [mats[0][0].double() @ whitening(st.estimate(shrinkage))]
+                    mats[0] = [(mats[0][0].double() if P is None else apply_rows(P[0], mats[0][0])) @ whitening(st.estimate(shrinkage))]
                 r = choose_ranks(mats, full, percent_removed, energy_threshold, rank, calibration)
             row['ranks'] = r
             size = tuple(in_shape[2:]) if in_shape else _nominal_size(conv)
@@ -225,9 +248,11 @@ class Conv_Decomposer(Decomposer):
             if not allow_growth and (pa >= pb or ma >= mb):
                 what = 'params' if pa >= pb else 'MACs'
                 return None, dict(row, reason=f'would not reduce {what} at ranks {r} ({pa if what == "params" else ma:,} ≥ {pb if what == "params" else mb:,})')
-            if aware: facs, Wh, row['predicted_error'] = whitened_conv(Wt, method, r, st.sigma, n_iter, tol)
+            if aware: facs, Wh, row['predicted_error'] = whitened_conv(Wt, method, r, st.sigma, n_iter, tol, P)
             else: facs, Wh = factorize_conv(W, method, r, g, n_iter, tol, cp_iter)
-            if st is not None: row['output_error'] = output_error(Wt, Wh.to(W.device), st.sigma.to(W.device))
+            if st is not None:
+                wt, wh = (Wt, Wh) if P is None else (apply_rows(P[0], Wt.double()), apply_rows(P[0], Wh))
+                row['output_error'] = output_error(wt, wh.to(W.device), st.sigma.to(W.device))
             if not all(torch.isfinite(f).all() for f in (facs[0] if method == 'cp' else facs)):
                 return None, dict(row, reason='factorization produced NaN/Inf')
             Wf = W.to(Wh.dtype)

@@ -14,7 +14,7 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .calibrate import *
-from .conv import check_explicit_rank, _check_common, sample_runner, spectrum, layer_stats, layer_target
+from .conv import check_explicit_rank, _check_common, sample_runner, spectrum, layer_stats, layer_target, layer_out_roots
 
 # %% auto #0
 __all__ = ['linear_positions', 'FC_Decomposer']
@@ -32,7 +32,7 @@ class FC_Decomposer(Decomposer):
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  verbose: bool = True) -> nn.Module:
+                  output_grams=None, verbose: bool = True) -> nn.Module:
         "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
@@ -40,6 +40,7 @@ class FC_Decomposer(Decomposer):
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         check_shrinkage(shrinkage)
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
 
         def plan(name, lin, in_shape, work):
             row = dict(method='svd')
@@ -48,8 +49,10 @@ class FC_Decomposer(Decomposer):
             st = stats_for(name, lin, work)
             if st is not None and st.n == 0: st = None
             Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
+            P = root_for(name) if st is not None else None                  # output weighting (see `output_grams`)
+            Wp = None if st is None else Wt.double() if P is None else apply_rows(P[0], Wt.double())
             if st is not None and (energy_threshold is not None or rank == 'vbmf'):
-                Ww = Wt.double() @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
+                Ww = Wp @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
             m, n = W.shape
             full = min(m, n)
             given = self.explicit_rank(ranks, name)
@@ -69,9 +72,10 @@ class FC_Decomposer(Decomposer):
                 row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
             else:
                 sigma = st.sigma.to(W.device)
-                A, B, s = whitened_lowrank(Wt, sigma, k)
+                A, B, s = whitened_lowrank(Wp, sigma, k)
+                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wp, A @ B, sigma)
+                if P is not None: A = apply_rows(P[1], A)
                 row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
-                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wt, A @ B, sigma)
             return linear_block(lin, A, B), row
 
         return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
