@@ -14,7 +14,8 @@ from .factorize import *
 # %% auto #0
 __all__ = ['CONV_TYPES', 'METHOD_LAYERS', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'conv_like', 'tucker_layers',
            'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block', 'svd_block', 'spatial_block', 'cp_block',
-           'linear_block', 'linear_layers', 'conv_out_size', 'layer_macs', 'block_macs', 'n_params']
+           'linear_block', 'linear_layers', 'CompactLinear', 'compact_factors', 'compact_linear_block', 'conv_out_size',
+           'layer_macs', 'block_macs', 'n_params']
 
 # %% ../../nbs/02_blocks.ipynb #c005
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -141,12 +142,56 @@ def linear_block(lin, A, B, source=''):
     "Linear(n→k, no bias) with weight `B`, then Linear(k→m) with weight `A` and the original bias."
     return _finish(linear_layers(lin, A.shape[1], device='meta'), lin, [B, A], lin.bias, source)
 
-def linear_layers(lin, k, device=None):
-    "Linear(n→k, no bias), then Linear(k→m) with a bias when the layer had one."
-    return LowRankLinear(nn.Linear(lin.in_features, k, bias=False, device=device),
-                         nn.Linear(k, lin.out_features, bias=lin.bias is not None, device=device), method='svd', ranks=(k,))
+def linear_layers(lin, k, device=None, compact: bool = False):
+    "Linear(n→k, no bias), then Linear(k→m) (a `CompactLinear` when `compact`) with a bias when the layer had one."
+    second = (CompactLinear if compact else nn.Linear)(k, lin.out_features, bias=lin.bias is not None, device=device)
+    return LowRankLinear(nn.Linear(lin.in_features, k, bias=False, device=device), second, method='svd', ranks=(k,))
 
 # %% ../../nbs/02_blocks.ipynb #c014
+class CompactLinear(nn.Module):
+    """A Linear(k→m) whose weight has the k×k identity in rows `rows`: stores only the other m − k rows (`weight`,
+    (m − k)×k) and computes y = Π[z; weight·z] + bias."""
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not 0 < in_features <= out_features: raise ValueError(f'CompactLinear needs 0 < in_features <= out_features, got {in_features}, {out_features}')
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features - in_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer('order', torch.arange(out_features, device=device))   # output j is entry order[j] of [z; weight·z]
+
+    def forward(self, z):
+        y = torch.cat([z, nn.functional.linear(z, self.weight)], -1).index_select(-1, self.order)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self):
+        "The full (m, k) weight."
+        full = torch.cat([torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device), self.weight])
+        return full.index_select(0, self.order)
+
+    def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
+
+def compact_factors(A, B):
+    """(rows, rest, A₂, B̃) with A B = Π[I; A₂] B̃: `rows` the k rows of `A` (m×k, m ≥ k) picked by a column-pivoted QR
+    of Aᵀ, `rest` the others, A₂ = A[rest] S⁻¹ and B̃ = S B for S = A[rows]; float64."""
+    import scipy.linalg
+    A, B = A.detach().double(), B.detach().double()
+    k = A.shape[1]
+    piv = torch.from_numpy(scipy.linalg.qr(A.T.cpu().numpy(), mode='r', pivoting=True)[1].copy()).to(A.device)
+    rows, rest = piv[:k], piv[k:]
+    S = A[rows]
+    return rows, rest, torch.linalg.solve(S, A[rest], left=False), S @ B   # A[rest] S⁻¹, S B
+
+def compact_linear_block(lin, A, B, source=''):
+    "`linear_block` in the compact form: the same product A B with k² fewer parameters (a `CompactLinear` second layer)."
+    m, k = A.shape
+    rows, rest, A2, Bt = compact_factors(A, B)
+    blk = _finish(linear_layers(lin, k, device='meta', compact=True), lin, [Bt, A2], lin.bias, source)
+    order = torch.empty(m, dtype=torch.long, device=rows.device)
+    order[rows], order[rest] = torch.arange(k, device=rows.device), torch.arange(k, m, device=rows.device)
+    blk[1].order = order.to(lin.weight.device)                           # `_finish` left the buffer uninitialized
+    return blk
+
+# %% ../../nbs/02_blocks.ipynb #c016
 def conv_out_size(conv, in_size):
     "Spatial output size of `conv` for spatial input size `in_size`."
     n = len(conv.kernel_size)
@@ -157,7 +202,7 @@ def conv_out_size(conv, in_size):
 
 def layer_macs(m, in_size=None):
     "MACs of one Conv (spatial `in_size`) or Linear (`in_size` = number of positions, default 1), bias excluded."
-    if isinstance(m, nn.Linear): return m.weight.numel() * (in_size or 1)
+    if isinstance(m, (nn.Linear, CompactLinear)): return m.weight.numel() * (in_size or 1)
     return m.weight.numel() * math.prod(conv_out_size(m, in_size))
 
 def block_macs(block, in_size):
@@ -165,7 +210,7 @@ def block_macs(block, in_size):
     total, size = 0, in_size
     for m in (block if isinstance(block, nn.Sequential) else [block]):
         total += layer_macs(m, size)
-        if not isinstance(m, nn.Linear): size = conv_out_size(m, size)
+        if not isinstance(m, (nn.Linear, CompactLinear)): size = conv_out_size(m, size)
     return total
 
 def n_params(m):

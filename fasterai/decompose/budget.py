@@ -26,8 +26,9 @@ __all__ = ['LayerPlan', 'allocate', 'plan_layers', 'whitened_spectra', 'output_s
 # %% ../../nbs/07_budget.ipynb #c005
 class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
-    def __init__(self, name, layer, method, spectra, full, in_shape, on):
+    def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False):
         self.name, self.layer, self.method, self.spectra, self.full, self.in_shape, self.on = name, layer, method, spectra, full, in_shape, on
+        self.compact = compact
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
         self.dense = self.cost(None)
 
@@ -39,9 +40,9 @@ class LayerPlan:
         "Params or MACs of the layer (`ranks=None`) or of its block at `ranks`."
         lin = isinstance(self.layer, nn.Linear)
         if ranks is None: m = self.layer
-        else: m = linear_layers(self.layer, *ranks, device='meta') if lin else METHOD_LAYERS[self.method](self.layer, *ranks, device='meta')
+        else: m = linear_layers(self.layer, *ranks, device='meta', compact=self.compact) if lin else METHOD_LAYERS[self.method](self.layer, *ranks, device='meta')
         if self.on == 'params': return n_params(m)
-        if lin: return (m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)) * linear_positions(self.in_shape)
+        if lin: return (m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)) * linear_positions(self.in_shape)   # bias-free MACs
         size = tuple(self.in_shape[2:]) if self.in_shape else _nominal_size(self.layer)
         return block_macs(m, size)
 
@@ -80,7 +81,7 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     return best[0], best[1], total
 
 # %% ../../nbs/07_budget.ipynb #c008
-def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None):
+def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None, compact=False):
     "A `LayerPlan` per eligible layer, and the cost of everything else in the model."
     plans, kinds = [], []
     if conv: kinds.append((Conv_Decomposer(), method))
@@ -98,7 +99,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             elif lin: spec = [spectrum(W)]
             else: spec = [spectrum(M[0]) for M in mode_matrices(W, meth, 1)]
             full = (min(W.shape),) if lin else full_ranks(m, meth)
-            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, (shapes or {}).get(name), on))
+            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, (shapes or {}).get(name), on, compact=lin and compact))
     in_plans = {id(p.layer) for p in plans}
     if on == 'params': fixed = n_params(model) - sum(p.dense for p in plans)
     else:
@@ -167,6 +168,8 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
     og = kwargs.pop('output_grams', 'auto' if sensitivity else None)
+    compact = kwargs.pop('compact', False)
+    if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
     n_batches = kwargs.get('n_batches', 8) or 8
     grams = sens = None
     try:
@@ -180,7 +183,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if grams is not None: og = grams
     roots = layer_out_roots(og, model, data, n_batches, cands)
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude)
+    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact)
     if not plans: raise ValueError('no layer of the model can be decomposed')
     if sensitivity and sens is None:
         try: sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(n_batches, 4))
@@ -205,7 +208,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if fc_names:
         d = FC_Decomposer()
         out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
-                          inplace=inplace or out is not model, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
+                          inplace=inplace or out is not model, input_shape=input_shape, output_grams=og, compact=compact, verbose=False, **kwargs)
         reports.append(d.report)
     import pandas as pd
     decompose.report = pd.concat(reports, ignore_index=True) if reports else pd.DataFrame(columns=REPORT_COLUMNS)

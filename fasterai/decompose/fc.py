@@ -32,13 +32,15 @@ class FC_Decomposer(Decomposer):
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  output_grams=None, verbose: bool = True) -> nn.Module:
-        "Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`."
+                  output_grams=None, compact: bool = False, verbose: bool = True) -> nn.Module:
+        """Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`.
+        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n))."""
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         check_shrinkage(shrinkage)
+        if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
         root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
 
@@ -62,11 +64,12 @@ class FC_Decomposer(Decomposer):
             else: k = rank_from_percent(full, percent_removed)
             row['ranks'] = (k,)
             pos = linear_positions(in_shape)
-            skel = linear_layers(lin, k, device='meta')
+            skel = linear_layers(lin, k, device='meta', compact=compact)
             pb, pa = n_params(lin), n_params(skel)
-            if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=k * (m + n) * pos)
+            if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=block_macs(skel, pos))
             if not allow_growth and pa >= pb:
-                return None, dict(row, reason=f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {m * n / (m + n):.0f}')
+                even = f'{full}' if compact else f'{m * n / (m + n):.0f}'
+                return None, dict(row, reason=f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {even}')
             if st is None:
                 A, B, s = lowrank(Ww, k)
                 row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
@@ -76,6 +79,6 @@ class FC_Decomposer(Decomposer):
                 row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wp, A @ B, sigma)
                 if P is not None: A = apply_rows(P[1], A)
                 row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
-            return linear_block(lin, A, B), row
+            return (compact_linear_block if compact else linear_block)(lin, A, B), row
 
         return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
