@@ -113,11 +113,11 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
     """Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the rebuilt weight and the
     predicted relative error. With `out_root` = (P, P⁻¹) from `output_root`, the error minimized (and predicted) is ‖P(W − Ŵ)x‖."""
     T, S, *k = W.shape
-    Wp = W.double() if out_root is None else apply_rows(out_root[0], W.double())
+    Wp = W if out_root is None else apply_rows(out_root[0], W.double()).to(work_dtype(W))   # HOOI's start runs in W's work dtype
     back = (lambda M: M) if out_root is None else (lambda M: apply_rows(out_root[1], M))
     if method == 'svd':
         r = ranks[0]
-        A, B, s = whitened_lowrank(Wp.reshape(T, -1), sigma, r)
+        A, B, s = whitened_lowrank(Wp.reshape(T, -1).double(), sigma, r)
         A = back(A)
         return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
     core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
@@ -206,7 +206,9 @@ class Conv_Decomposer(Decomposer):
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
                   output_grams=None, verbose: bool = True) -> nn.Module:
-        "Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`."
+        """Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`.
+        With `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output channels by how
+        much the model's output reads them; `decompose` turns it on by default."""
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)

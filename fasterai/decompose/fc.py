@@ -34,7 +34,9 @@ class FC_Decomposer(Decomposer):
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
                   output_grams=None, compact: bool = False, verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`.
-        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n))."""
+        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With `data`,
+        `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how much the
+        model's output reads them; `decompose` turns it on by default."""
         if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
