@@ -1,3 +1,4 @@
+import warnings
 import pytest, torch, torchvision
 from torch import nn
 from fasterai.decompose.all import *
@@ -26,6 +27,16 @@ def test_budget_bad_input():
     for kw, word in [(dict(budget=0), 'budget'), (dict(budget=1.2), 'budget'), (dict(budget_on='flops'), 'budget_on'),
                      (dict(method='cp'), 'method')]:
         with pytest.raises(ValueError, match=word): decompose(m, **kw)
+
+
+def test_unreachable_budget_warns():
+    model = nn.Sequential(nn.Embedding(1000, 16), nn.Linear(16, 16))        # the only eligible layer holds 272 of 16,272 params
+    with pytest.warns(UserWarning, match='out of reach'):
+        small = decompose(model, budget=0.5, verbose=False)
+    assert decompose.report.ranks.iloc[0] == (1,)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        decompose(model, budget=0.99, verbose=False)                        # reachable: no warning
 
 
 def test_data_aware_tucker_budget_cuts_input_rank_where_inputs_are_low_dimensional():

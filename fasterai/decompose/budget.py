@@ -196,6 +196,10 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
         for p in plans: p.energy = [e / scale for e in p.energy]
     total_all = fixed + sum(p.dense for p in plans)
     ranks, cost, _ = allocate(plans, budget * total_all, fixed)
+    if cost > budget * total_all + 0.01 * total_all:
+        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: the {len(plans)} eligible layer(s) hold only '
+                      f'{1 - fixed / total_all:.1%} of them; the plan keeps {cost / total_all:.1%}, with every eligible layer at its lowest rank. '
+                      f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
     chosen = {n: r for n, r in ranks.items() if r is not None}
     out, reports = model, []
     conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
