@@ -15,7 +15,7 @@ def rel(a, b):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(1, 40), n=st.integers(1, 40), kf=st.floats(0.01, 1.0), bias=st.booleans(),
-       lead=st.sampled_from([(5,), (2, 3), (2, 1, 3)]), dt=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 10 ** 6))
+       lead=st.sampled_from([(5,), (2, 3), (2, 1, 3), (48,)]), dt=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 10 ** 6))
 def test_compact_block_is_the_plain_block(m, n, kf, bias, lead, dt, seed):
     torch.manual_seed(seed)
     lin = nn.Linear(n, m, bias=bias).to(dt)

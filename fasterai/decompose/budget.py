@@ -138,7 +138,7 @@ def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | N
     averaged over `n_batches` of `data`, J the Jacobian of the model's (first) output with respect to that layer's output. Random-projection
     estimate, one backward pass per batch (the trace of `output_grams` with one probe); `model` is left as it was (modes, hooks, no `.grad`)."""
     G = output_grams(model, data, modules, n_batches, n_probes=1, seed=seed, max_dim=0)
-    return {k: float(g.sum()) / g.numel() for k, g in G.items()}
+    return {k: gram_mean(g) for k, g in G.items()}
 
 # %% ../../nbs/07_budget.ipynb #c016
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
@@ -171,25 +171,20 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     compact = kwargs.pop('compact', False)
     if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
     n_batches = kwargs.get('n_batches', 8) or 8
-    grams = sens = None
-    try:
+    sens = None
+    try:                                                # one calibration pass of probes serves both
         if isinstance(og, str) and og == 'auto' and data is not None:
-            grams = output_grams(model, data, cands, min(n_batches, 8))
-            if sensitivity: sens = {n: float(g.sum() if g.dim() == 1 else g.diagonal().sum()) / g.shape[0] for n, g in grams.items()}
+            og = output_grams(model, data, cands, min(n_batches, 8))
+            if sensitivity: sens = {n: gram_mean(g) for n, g in og.items()}
+        elif sensitivity: sens = output_sensitivity(model, data, cands, min(n_batches, 4))
     except TypeError as e:
         if not auto: raise
         warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
-        og, sensitivity = None, False
-    if grams is not None: og = grams
+        og, sens = None, None
     roots = layer_out_roots(og, model, data, n_batches, cands)
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact)
     if not plans: raise ValueError('no layer of the model can be decomposed')
-    if sensitivity and sens is None:
-        try: sens = output_sensitivity(model, data, {p.name: p.layer for p in plans}, min(n_batches, 4))
-        except TypeError as e:
-            if not auto: raise
-            warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
     if sens is not None:
         for p in plans: p.weigh(sens[p.name])
         scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.

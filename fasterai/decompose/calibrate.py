@@ -21,7 +21,7 @@ __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv
            'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'token_mask', 'real_tokens',
            'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error',
            'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target',
-           'output_grams', 'output_root', 'apply_rows']
+           'output_grams', 'gram_mean', 'output_root', 'apply_rows']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -508,13 +508,18 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
         for m, t in modes.items(): m.training = t
     return {k: v / max(n, 1) for k, v in acc.items()}
 
+def gram_mean(G) -> float:
+    "The mean eigenvalue tr(G)/d of a Gram `G`, or of a diagonal Gram given as a vector."
+    G = torch.as_tensor(G)
+    return float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / max(G.shape[0], 1)
+
 def output_root(G, damping: float = 0.05):
     """(P, P⁻¹), symmetric, with P² = (1 − `damping`)·G/ḡ + `damping`·I, ḡ the mean eigenvalue of the Gram `G` (or of the
     diagonal Gram given as a vector, then P is a vector too); the identity when G is zero."""
     check_range('damping', damping, 0, 1, lo_closed=False)
     G = torch.as_tensor(G).detach().double()
     d = G.shape[0]
-    gbar = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / max(d, 1)
+    gbar = gram_mean(G)
     if not math.isfinite(gbar): raise ValueError('output Gram has NaN/Inf entries')
     if gbar <= 0: return (torch.ones(d, dtype=G.dtype),) * 2 if G.dim() == 1 else (torch.eye(d, dtype=G.dtype),) * 2
     if G.dim() == 1:
