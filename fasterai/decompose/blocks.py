@@ -12,10 +12,10 @@ from torch import nn
 from .factorize import *
 
 # %% auto #0
-__all__ = ['CONV_TYPES', 'METHOD_LAYERS', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'conv_like', 'tucker_layers',
-           'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block', 'svd_block', 'spatial_block', 'cp_block',
-           'linear_block', 'linear_layers', 'CompactLinear', 'compact_factors', 'compact_linear_block', 'conv_out_size',
-           'layer_macs', 'block_macs', 'n_params']
+__all__ = ['CONV_TYPES', 'LAYER_ATTRS', 'METHOD_LAYERS', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'torch_base',
+           'conv_like', 'tucker_layers', 'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block', 'svd_block',
+           'spatial_block', 'cp_block', 'linear_block', 'linear_layers', 'CompactLinear', 'compact_factors',
+           'compact_linear_block', 'conv_out_size', 'layer_macs', 'block_macs', 'n_params']
 
 # %% ../../nbs/02_blocks.ipynb #c005
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,24 +42,34 @@ def _sub(v, n, dims, fill):
     v = _tup(v, n)
     return tuple(v[i] if i in dims else fill for i in range(n))
 
+def torch_base(m: nn.Module) -> type:
+    "The first class of `m`'s type (itself or a base) defined by torch: `nn.Conv2d` for a user's `MyConv(nn.Conv2d)`."
+    return next(c for c in type(m).__mro__ if c.__module__.startswith('torch.'))
+
 def conv_like(conv, in_ch, out_ch, kernel_size=1, spatial_dims=None, groups=1, bias=False, device=None):
-    """A conv of `conv`'s type and dimensionality from `in_ch` to `out_ch`. When `spatial_dims` is given,
-    it takes `conv`'s stride/padding/dilation/padding_mode on those dimensions (all of them for `'all'`)."""
-    n = len(conv.kernel_size)
+    """A plain torch conv of `conv`'s dimensionality from `in_ch` to `out_ch` (a subclass's own `__init__` may take other
+    arguments). When `spatial_dims` is given, it takes `conv`'s stride/padding/dilation/padding_mode on those dimensions
+    (all of them for `'all'`)."""
+    n, cls = len(conv.kernel_size), torch_base(conv)
     if spatial_dims is None:
-        return type(conv)(in_ch, out_ch, _tup(kernel_size, n), groups=groups, bias=bias, device=device)
+        return cls(in_ch, out_ch, _tup(kernel_size, n), groups=groups, bias=bias, device=device)
     dims = range(n) if spatial_dims == 'all' else spatial_dims
-    return type(conv)(in_ch, out_ch, _tup(kernel_size, n), stride=_sub(conv.stride, n, dims, 1),
+    return cls(in_ch, out_ch, _tup(kernel_size, n), stride=_sub(conv.stride, n, dims, 1),
                       padding=_sub(conv.padding, n, dims, 0), dilation=_sub(conv.dilation, n, dims, 1),
                       groups=groups, bias=bias, padding_mode=conv.padding_mode, device=device)
 
 # %% ../../nbs/02_blocks.ipynb #c007
+LAYER_ATTRS = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
+               'groups', 'padding_mode', 'output_padding')
+
 def _finish(block, layer, weights, bias, source=''):
     """Load `weights` into the block's layers, the original bias into the last one, and copy dtype/device/grad/mode.
     The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing is randomly
     initialized only to be overwritten (for a 25088→2048 Linear that init costs more than half a second)."""
     w = layer.weight
     block.source = source
+    for a in LAYER_ATTRS:                                     # code that reads e.g. `model.fc.in_features` keeps working
+        if hasattr(layer, a): setattr(block, a, getattr(layer, a))
     if len(weights) != len(block) or any(m.bias is not None for m in list(block)[:-1]) or (block[-1].bias is None) != (bias is None):
         raise ValueError('every parameter of the block must be given')
     block.to_empty(device=w.device).to(dtype=w.dtype)        # cast first: float64 factors stay float64
@@ -181,7 +191,10 @@ def compact_factors(A, B):
     piv = torch.from_numpy(scipy.linalg.qr(A.T.cpu().numpy(), mode='r', pivoting=True)[1].copy()).to(A.device)
     rows, rest = piv[:k], piv[k:]
     S = A[rows]
-    return rows, rest, torch.linalg.solve(S, A[rest], left=False), S @ B   # A[rest] S⁻¹, S B
+    sv = torch.linalg.svdvals(S)
+    if sv.numel() and sv[-1] > sv[0] * 1e-10: A2 = torch.linalg.solve(S, A[rest], left=False)     # A[rest] S⁻¹
+    else: A2 = A[rest] @ torch.linalg.pinv(S, rtol=1e-10)     # A of rank < k: the pivoted rows span its row space, so A[rest] S⁺ S = A[rest]
+    return rows, rest, A2, S @ B
 
 def compact_linear_block(lin, A, B, source=''):
     "`linear_block` in the compact form: the same product A B with k² fewer parameters (a `CompactLinear` second layer)."

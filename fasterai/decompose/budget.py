@@ -141,6 +141,15 @@ def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | N
     return {k: gram_mean(g) for k, g in G.items()}
 
 # %% ../../nbs/07_budget.ipynb #c016
+def _passed_on():
+    "Keywords `decompose` hands to the decomposers."
+    import inspect
+    names = set()
+    for f in (Conv_Decomposer.decompose, FC_Decomposer.decompose): names |= set(inspect.signature(f).parameters)
+    return frozenset(names - {'self', 'model', 'percent_removed', 'energy_threshold', 'layers', 'exclude', 'ranks', 'rank', 'calibration',
+                              'method', 'inplace', 'input_shape', 'verbose'})
+_PASSED_ON = _passed_on()
+
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
               fc: bool = True, layers=None, exclude=None, *, input_shape=None, sensitivity: bool | None = None, inplace: bool = False,
               verbose: bool = True, **kwargs):
@@ -157,13 +166,25 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if method not in ('svd', 'tucker', 'spatial'): raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
     if budget_on == 'macs' and input_shape is None and kwargs.get('data') is None:
         raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) or data= to count MACs")
+    given = [k for k in ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration') if k in kwargs]
+    if given: raise ValueError(f'decompose() chooses every rank from budget=, so it takes no {" or ".join(given)}; '
+                               'for ranks of your own use Conv_Decomposer / FC_Decomposer')
+    unknown = sorted(set(kwargs) - _PASSED_ON)
+    if unknown: raise TypeError(f'decompose() got unexpected keyword argument(s) {unknown}; it also takes {sorted(_PASSED_ON)}')
+    if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+        raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
+    nb = kwargs.get('n_batches', 8)
+    if not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1): raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
     run = sample_runner(model, input_shape)
     cands = {}
     for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
         cands.update(dec.candidates(model, layers, exclude)[0])
     data = kwargs.get('data')
     if data is not None and run is None: run = sample_runner(model, None, data)
-    shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
+    try: shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
+    except Exception as e:
+        what = f'input_shape={tuple(input_shape)}' if input_shape is not None and data is None else 'the first batch of data'
+        raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e
     auto = sensitivity is None
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
@@ -196,7 +217,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
                       f'{1 - fixed / total_all:.1%} of them; the plan keeps {cost / total_all:.1%}, with every eligible layer at its lowest rank. '
                       f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
     chosen = {n: r for n, r in ranks.items() if r is not None}
-    out, reports = model, []
+    out, reports = (model if inplace or chosen else safe_deepcopy(model)), []            # never the caller's object unless inplace
     conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
     fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
     if conv_names:

@@ -390,7 +390,7 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     best, errors, it = None, [], 0
     for it in range(1, max(n_iter, 1) + 1):
         Q, C, cap = fit_out(U_in)
-        errors.append(math.sqrt(max(total - cap, 0) / total))
+        errors.append(math.sqrt(max(total - cap, 0) / total) if total > 0 else 0.)   # a zero layer (or inputs): nothing to lose
         if best is None or cap > best[3]: best = (Q, C, U_in, cap)
         if r_in >= S: break                                                   # U_in is then optimal: done
         if len(errors) > 1 and errors[-2] - errors[-1] < tol: break         # no longer helping (or, non-separable Σ, hurting)
@@ -399,7 +399,7 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
         U_in = U_new
         if done: break
     Q, C, U_in, cap = best
-    info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total), errors=errors)
+    info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total) if total > 0 else 0., errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
 # %% ../../nbs/03_calibrate.ipynb #c059
@@ -445,13 +445,15 @@ def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: in
     return st
 
 def compensated_target(W, st: PairStats, ridge: float = 1e-6):
-    "M = W C Σ̃⁻¹: the weight that best maps the decomposed model's inputs to the original outputs."
+    """M = (W C + λW)(Σ̃ + λI)⁻¹: the weight that best maps the decomposed model's inputs to the original outputs, with a
+    small ridge λ that pulls M toward W (not toward 0) in directions the calibration inputs never excite."""
     S = st.sigma
     d = S.shape[0]
-    lam = ridge * float(S.diagonal().sum()) / d
+    tr = float(S.diagonal().sum()) / d
+    lam = ridge * tr if tr > 0 else 1.                                         # all-zero inputs: M = W
     Sr = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
     W2 = W.reshape(W.shape[0], -1).double().to(S.device)
-    return torch.linalg.solve(Sr, (W2 @ st.cross).T).T
+    return torch.linalg.solve(Sr, (W2 @ st.cross + lam * W2).T).T
 
 # %% ../../nbs/03_calibrate.ipynb #c062
 def _first_tensor(out):

@@ -181,6 +181,11 @@ def _check_common(model, percent_removed, energy_threshold, ranks, rank, calibra
     if ranks is not None:
         if not isinstance(ranks, dict): raise TypeError(f'ranks must be a dict of layer name → rank, got {type(ranks).__name__}')
         check_names(model, list(ranks), 'ranks')
+        mods = dict(model.named_modules(remove_duplicate=False))
+        for n in ranks:
+            if not isinstance(mods[n], (nn.Linear, *CONV_KINDS, LowRankBlock)):
+                raise ValueError(f'ranks: {n!r} is a {type(mods[n]).__name__}, not a Conv or Linear layer; give ranks per layer '
+                                 f"(e.g. {next((k for k, m in mods.items() if k.startswith(n + '.') and isinstance(m, (nn.Linear, *CONV_KINDS))), 'its layers')!r})")
     if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and d > 0 for d in input_shape)):
         raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
 

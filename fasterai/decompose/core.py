@@ -66,6 +66,7 @@ def check_names(model: nn.Module, names, arg: str):
     "`names` (a str or a list of str) as a list; raise a ValueError naming `arg` for names not in `model`."
     if names is None: return None
     if isinstance(names, str): names = [names]
+    if not isinstance(names, (list, tuple, set, frozenset)): raise TypeError(f'{arg} must be a module name (str) or a list of them, got {names!r}')
     known = dict(model.named_modules(remove_duplicate=False))
     for n in names:
         if not isinstance(n, str): raise TypeError(f'{arg} must hold qualified module names (str), got {n!r}')

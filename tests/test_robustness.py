@@ -1,0 +1,126 @@
+"Inputs found by a robustness sweep: zero layers and zero inputs, user subclasses, parents that read layer attributes, bad arguments."
+import copy, warnings
+import pytest, torch
+from torch import nn
+from fasterai.decompose.all import *
+from fasterai.decompose.budget import decompose
+from fasterai.decompose.calibrate import collect_pair_stats, compensated_target
+
+
+def rel(a, b): return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def test_compact_on_a_zero_linear():
+    lin = nn.Linear(64, 100); nn.init.zeros_(lin.weight)              # torchvision's untrained ViT head is all zero
+    out = FC_Decomposer().decompose(nn.Sequential(lin), compact=True, verbose=False)
+    x = torch.randn(3, 64)
+    assert torch.isfinite(out(x)).all() and torch.allclose(out(x), lin(x))
+
+
+def test_compact_on_a_rank_deficient_linear_is_exact():
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 60)
+    with torch.no_grad(): lin.weight.copy_(torch.randn(60, 5) @ torch.randn(5, 40))      # rank 5 < the kept rank
+    out = FC_Decomposer().decompose(nn.Sequential(lin), ranks={'0': 20}, compact=True, verbose=False)
+    assert isinstance(out[0][1], CompactLinear)
+    x = torch.randn(8, 40)
+    assert rel(out(x), lin(x)) < 1e-5
+
+
+def test_tucker_with_data_on_a_zero_conv():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)); nn.init.zeros_(m[2].weight)
+    x = torch.randn(4, 3, 16, 16)
+    d = Conv_Decomposer()
+    out = d.decompose(m, method='tucker', data=x, verbose=False)
+    assert torch.isfinite(out(x)).all() and torch.allclose(out(x), m(x), atol=1e-6)
+    row = d.report.set_index('name').loc['2']
+    assert row.status == 'decomposed' and row.output_error == 0
+
+
+def test_compensate_with_all_zero_inputs_keeps_the_weight():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1))
+    zeros = torch.zeros(4, 3, 16, 16)
+    comp = Conv_Decomposer().decompose(m, method='svd', data=zeros, compensate=True, percent_removed=0., allow_growth=True, verbose=False)
+    x = torch.randn(2, 3, 16, 16)
+    assert rel(comp(x), m(x)) < 1e-5                                  # inputs that excite nothing leave W as it was (not 0)
+
+
+def test_compensated_target_pulls_toward_w_in_unexcited_directions():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4))
+    x = torch.randn(256, 6); x[:, 3:] = 0                             # the last three inputs never move
+    twin = copy.deepcopy(ref)
+    st = collect_pair_stats(ref, twin, x, ref[0], twin[0], n_batches=None)
+    M = compensated_target(ref[0].weight, st)
+    W = ref[0].weight.detach().double()
+    assert torch.allclose(M[:, 3:], W[:, 3:], atol=1e-6)             # untouched where there is no signal
+    assert torch.allclose(M[:, :3], W[:, :3], atol=1e-4)             # and the same model reproduces itself
+
+
+class MyConv(nn.Conv2d):
+    def __init__(self, ci, co): super().__init__(ci, co, 3, padding=1)       # its own __init__, the inherited forward
+
+
+@pytest.mark.parametrize('method', ['svd', 'tucker', 'spatial', 'cp'])
+def test_conv_subclass_with_its_own_init(method):
+    torch.manual_seed(0)
+    m = nn.Sequential(MyConv(8, 16), nn.ReLU(), MyConv(16, 16))
+    out = Conv_Decomposer().decompose(m, method=method, percent_removed=0.7, verbose=False)
+    assert out(torch.randn(1, 8, 9, 9)).shape == (1, 16, 9, 9)
+    assert isinstance(out[2], LowRankConv) and all(type(l) is nn.Conv2d for l in out[2])   # blocks are plain torch layers
+    full = Conv_Decomposer().decompose(m, method='svd', percent_removed=0., allow_growth=True, verbose=False)
+    x = torch.randn(2, 8, 9, 9)
+    assert rel(full(x), m(x)) < 1e-5
+
+
+class ReadsAttrs(nn.Module):
+    def __init__(self):
+        super().__init__(); self.conv = nn.Conv2d(3, 8, 3); self.fc = nn.Linear(8 * 14 * 14, 10)
+    def forward(self, x):
+        h = self.conv(x)
+        assert h.shape[1] == self.conv.out_channels
+        return self.fc(h.reshape(-1, self.fc.in_features))
+
+
+@pytest.mark.parametrize('input_shape', [None, (1, 3, 16, 16)])
+def test_parents_reading_layer_hyperparameters_still_run(input_shape):
+    model = ReadsAttrs().eval()
+    out = decompose(model, budget=0.5, input_shape=input_shape, verbose=False)
+    assert isinstance(out.fc, LowRankLinear) and (out.fc.in_features, out.fc.out_features) == (1568, 10)
+    assert out(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    conv = Conv_Decomposer().decompose(model, method='tucker', percent_removed=0.3, verbose=False).conv
+    assert isinstance(conv, LowRankConv)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (3, 8, (3, 3), (1, 1), (0, 0))
+
+
+def test_decompose_never_returns_the_callers_object():
+    model = nn.Sequential(nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = decompose(model, budget=0.5, verbose=False)            # nothing to gain: no layer is decomposed
+    assert out is not model and out[0] is not model[0]
+    assert torch.equal(out[0].weight, model[0].weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert decompose(model, budget=0.5, inplace=True, verbose=False) is model
+
+
+def test_bad_arguments_name_themselves():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(TypeError, match='not_a_kwarg'): decompose(m, budget=0.5, not_a_kwarg=1)
+    with pytest.raises(ValueError, match='percent_removed'): decompose(m, budget=0.5, percent_removed=0.9)
+    with pytest.raises(ValueError, match='ranks'): decompose(m, budget=0.5, ranks={'0': 3})
+    with pytest.raises(ValueError, match='input_shape'): decompose(m, budget=0.5, input_shape=(1, 3, 0, 16))
+    with pytest.raises(ValueError, match=r'input_shape=\(1, 4, 16, 16\)'): decompose(m, budget=0.5, input_shape=(1, 4, 16, 16))
+    with pytest.raises(ValueError, match='n_batches'): decompose(m, data=x, n_batches='a')
+    with pytest.raises(TypeError, match='layers'): Conv_Decomposer().decompose(m, layers=5)
+    with pytest.raises(TypeError, match='exclude'): FC_Decomposer().decompose(m, exclude=3)
+
+
+def test_ranks_must_name_layers_not_containers():
+    import torchvision
+    with pytest.raises(ValueError, match="'layer1' is a Sequential.*layer1.0.conv1"):
+        Conv_Decomposer().decompose(torchvision.models.resnet18(), method='tucker', ranks={'layer1': 8}, verbose=False)
