@@ -51,7 +51,7 @@ rows = []
 def record(label, m):
     rows.append(dict(setting=label, accuracy=acc(m), drop=100 * (base - acc(m)), params=n_params(m) / dense_p, macs=model_macs(m, shape) / dense_m))
 
-for method in ('svd', 'tucker'):
+for method in ('svd', 'tucker', 'spatial'):
     record(f'convs, 40% MACs, {method}, data-aware', decompose(model, budget=0.4, budget_on='macs', input_shape=shape, method=method, fc=False, data=calib, verbose=False))
     record(f'convs, 40% MACs, {method}, weight-only', decompose(model, budget=0.4, budget_on='macs', input_shape=shape, method=method, fc=False, verbose=False))
     record(f'convs+FC, 50% params, {method}, data-aware', decompose(model, budget=0.5, method=method, data=calib, verbose=False))

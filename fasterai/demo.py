@@ -18,7 +18,7 @@ from .decompose.learner import *
 digits_tensors = digits_arrays      # its name here before `fasterai.data.digits` existed (bench/bench_digits.py imports it)
 
 # %% auto #0
-__all__ = ['digits_tensors', 'latencies_ms', 'model_macs', 'measure', 'summary_table', 'report_table', 'main']
+__all__ = ['digits_tensors', 'latencies_ms', 'model_macs', 'measure', 'summary_table', 'report_table', 'main', 'cli']
 
 # %% ../nbs/10_demo.ipynb #c007
 def latencies_ms(models: dict, x: torch.Tensor, repeats: int = 30) -> dict:
@@ -100,5 +100,19 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, 
     return rows
 
 # %% ../nbs/10_demo.ipynb #c012
+def cli(argv=None):
+    "`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T]`: run `main`."
+    import argparse
+    p = argparse.ArgumentParser(prog='python -m fasterai.demo', description=main.__doc__)
+    p.add_argument('--epochs', type=int, default=5, help='training epochs of the dense CNN (default 5)')
+    p.add_argument('--lr', type=float, default=3e-3, help='training learning rate (default 3e-3)')
+    p.add_argument('--ft-lr', type=float, default=2e-4, help='fine-tuning learning rate (default 2e-4)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads (0: leave as is; default 1)')
+    a = p.parse_args(argv)
+    if a.epochs < 1: p.error('--epochs must be >= 1')
+    return main(a.epochs, a.lr, a.ft_lr, a.seed, a.threads or None)
+
+# %% ../nbs/10_demo.ipynb #c014
 from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()
+if __name__ == '__main__' and not IN_NOTEBOOK: cli()

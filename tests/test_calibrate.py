@@ -286,3 +286,39 @@ def test_output_error_grouped():
     Wh = W.clone(); Wh[3:] = 0                                                     # drop group 2 entirely
     expect = math.sqrt(4 * W[3:].pow(2).sum() / (W[:3].pow(2).sum() + 4 * W[3:].pow(2).sum()))
     assert abs(output_error(W, Wh, sig) - expect) < 1e-12
+
+# ---------------------------------------------------------------- whitened spatial SVD
+def _sp(V, H): return torch.einsum('rsi,trj->tsij', V[..., 0], H[:, :, 0])
+
+@pytest.mark.parametrize('iso', [False, True])
+def test_whitened_spatial_beats_weight_only_heldout(iso):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(24, 20, 3, padding=1, bias=False).double().requires_grad_(False)
+    stats = collect_stats(conv, maps(48, 24, 0, iso), {'c': conv}, n_batches=None)['c']
+    test = maps(48, 24, 1, iso)
+    V, H, err = whitened_spatial(conv.weight, stats.sigma, 10)
+    assert V.shape == (10, 24, 3, 1) and H.shape == (20, 10, 1, 3)
+    v0, h0, _ = spatial_svd(conv.weight.double(), 10)
+    Ww, Wp = _sp(V, H), _sp(v0, h0)
+    assert abs(output_error(conv.weight, Ww, stats.sigma) - err) <= 1e-6          # the reported error is the real one
+    assert err <= output_error(conv.weight, Wp, stats.sigma) + 1e-9               # never above weight-only on Σ
+    ew, ep = heldout(conv, Ww, test), heldout(conv, Wp, test)
+    if iso: assert ew <= 1.05 * ep, (ew, ep)
+    else: assert ew < 0.7 * ep, (ew, ep)
+
+def test_whitened_spatial_full_rank_output_weighting_and_edges():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, (3, 2), bias=False).double()
+    sig = collect_stats(conv, maps(6, 5, 3, size=7), {'c': conv}, n_batches=None)['c'].sigma
+    W = conv.weight.detach()
+    V, H, err = whitened_spatial(W, sig, min(5 * 3, 7 * 2))
+    assert torch.allclose(_sp(V, H), W, atol=1e-9) and err < 1e-7
+    G = torch.randn(7, 7, dtype=F64); G = G @ G.T
+    P = output_root(G)
+    V, H, err = whitened_spatial(W, sig, 6, out_root=P)                            # error in the ‖P·‖ norm
+    Wh = _sp(V, H)
+    assert abs(output_error(apply_rows(P[0], W), apply_rows(P[0], Wh), sig) - err) <= 1e-6
+    V0, H0, _ = whitened_spatial(W, torch.zeros_like(sig), 6)                      # no signal: still finite factors
+    assert torch.isfinite(V0).all() and torch.isfinite(H0).all()
+    with pytest.raises(ValueError, match='rank'): whitened_spatial(W, sig, 15)
+    with pytest.raises(ValueError, match='sigma'): whitened_spatial(W, sig[:5, :5], 3)

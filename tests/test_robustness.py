@@ -124,3 +124,79 @@ def test_ranks_must_name_layers_not_containers():
     import torchvision
     with pytest.raises(ValueError, match="'layer1' is a Sequential.*layer1.0.conv1"):
         Conv_Decomposer().decompose(torchvision.models.resnet18(), method='tucker', ranks={'layer1': 8}, verbose=False)
+
+
+@pytest.mark.parametrize('kw', [dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), padding_mode='reflect'),
+                                dict(padding='same', padding_mode='circular'), dict(stride=2, bias=False)])
+def test_data_aware_spatial_through_the_decomposer(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), **kw)
+    x = torch.nn.functional.avg_pool2d(torch.randn(16, 6, 17, 19), 3, 1, 1)
+    full = Conv_Decomposer().decompose(conv, method='spatial', percent_removed=0., allow_growth=True, data=x, verbose=False)
+    assert rel(full(x), conv(x)) < 1e-5                                           # exact at full rank, with data
+    dw, dd = Conv_Decomposer(), Conv_Decomposer()
+    w = dw.decompose(conv, method='spatial', percent_removed=0.6, allow_growth=True, verbose=False)
+    d = dd.decompose(conv, method='spatial', percent_removed=0.6, allow_growth=True, data=x, verbose=False)
+    assert rel(d(x), conv(x)) < rel(w(x), conv(x))
+    row = dd.report.iloc[0]
+    assert abs(row.predicted_error - row.output_error) <= 0.01 * row.output_error + 1e-9
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize('call', ['conv', 'fc', 'budget'])
+def test_one_shot_iterators_are_refused(call):
+    m = _cnn()
+    X = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    f = {'conv': lambda d: Conv_Decomposer().decompose(m, data=d, verbose=False),
+         'fc': lambda d: FC_Decomposer().decompose(m, data=d, verbose=False),
+         'budget': lambda d: decompose(m, budget=0.5, data=d, verbose=False)}[call]
+    with pytest.raises(TypeError, match='re-iterable'): f(x for x in X)
+    with pytest.raises(TypeError, match='re-iterable'): f(iter(X))
+    f(X)                                                              # a list of the same batches works
+
+
+def test_skipped_rows_keep_their_macs():
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    f = FC_Decomposer()
+    f.decompose(m, input_shape=(1, 32), percent_removed=0.1, verbose=False)          # both layers would grow: skipped
+    r = f.report
+    assert (r.status == 'skipped').all() and (r.macs_after == r.macs_before).all()
+    c = Conv_Decomposer()
+    c.decompose(nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3)), method='tucker', input_shape=(1, 8, 10, 10), verbose=False)
+    one = c.report.set_index('name').loc['0']                             # 1×1 under Tucker: skipped, MACs still counted
+    assert one.status == 'skipped' and one.macs_before == 8 * 8 * 100 and one.macs_after == one.macs_before
+    assert c.report.reason.dtype == object
+
+
+def test_compact_models_trace_with_fx_and_fold_batchnorm():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32)).eval()
+    with torch.no_grad(): m[1].running_mean.uniform_(-1, 1); m[1].running_var.uniform_(0.5, 2)
+    d = FC_Decomposer().decompose(m, compact=True, layers=['7'], ranks={'7': 8}, verbose=False)
+    assert isinstance(d[7][1], CompactLinear)
+    for x in (torch.randn(2, 3, 10, 10), torch.randn(64, 3, 10, 10)):   # both of CompactLinear's paths
+        assert torch.allclose(torch.fx.symbolic_trace(d)(x), d(x))
+    folder = BN_Folder()
+    f = folder.fold(d, verbose=False)
+    assert folder.report.folded.all()
+    x = torch.randn(4, 3, 10, 10)
+    assert rel(f(x), d(x)) < 1e-5
+
+
+def test_linear_batchnorm_fold_without_sample_warns():
+    m = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)).eval()
+    with pytest.warns(UserWarning, match='sample='): BN_Folder().fold(m, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        BN_Folder().fold(m, sample=torch.randn(2, 8), verbose=False)     # checked: no warning
+
+
+def test_budget_on_an_already_decomposed_model_says_so():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    once = decompose(m, budget=0.5, compact=True, verbose=False)
+    with pytest.raises(ValueError, match='already decomposed'): decompose(once, budget=0.5, verbose=False)

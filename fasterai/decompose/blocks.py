@@ -7,6 +7,7 @@ Docs: https://fasterai.github.io/fasterai/blocks.html.md"""
 # %% ../../nbs/02_blocks.ipynb #c003
 from __future__ import annotations
 import math
+from typing import Optional
 import torch
 from torch import nn
 from .factorize import *
@@ -14,8 +15,8 @@ from .factorize import *
 # %% auto #0
 __all__ = ['CONV_TYPES', 'LAYER_ATTRS', 'METHOD_LAYERS', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'torch_base',
            'conv_like', 'tucker_layers', 'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block', 'svd_block',
-           'spatial_block', 'cp_block', 'linear_block', 'linear_layers', 'CompactLinear', 'compact_factors',
-           'compact_linear_block', 'conv_out_size', 'layer_macs', 'block_macs', 'n_params']
+           'spatial_block', 'cp_block', 'linear_block', 'linear_layers', 'compact_linear', 'CompactLinear',
+           'compact_factors', 'compact_linear_block', 'conv_out_size', 'layer_macs', 'block_macs', 'n_params']
 
 # %% ../../nbs/02_blocks.ipynb #c005
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -158,6 +159,21 @@ def linear_layers(lin, k, device=None, compact: bool = False):
     return LowRankLinear(nn.Linear(lin.in_features, k, bias=False, device=device), second, method='svd', ranks=(k,))
 
 # %% ../../nbs/02_blocks.ipynb #c014
+def _compact_dense(weight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    "The full (m, k) weight of a compact layer: the identity and the stored rows, in output order."
+    full = torch.cat([torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device), weight])
+    return full.index_select(0, order)
+
+@torch.fx.wrap
+def compact_linear(z: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = Π[z; weight·z] + bias (see `CompactLinear`). A leaf for torch.fx (its branch depends on the input size), so a
+    model holding compact layers still traces (e.g. for `BN_Folder`)."""
+    k = weight.shape[1]
+    if z.numel() >= k * k:                              # many rows: one GEMM with the rebuilt weight beats a gather of the outputs
+        return nn.functional.linear(z, _compact_dense(weight, order), bias)
+    y = torch.cat([z, nn.functional.linear(z, weight)], -1).index_select(-1, order)
+    return y if bias is None else y + bias
+
 class CompactLinear(nn.Module):
     """A Linear(k→m) whose weight has the k×k identity in rows `rows`: stores only the other m − k rows (`weight`,
     (m − k)×k) and computes y = Π[z; weight·z] + bias."""
@@ -169,16 +185,11 @@ class CompactLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer('order', torch.arange(out_features, device=device))   # output j is entry order[j] of [z; weight·z]
 
-    def forward(self, z):
-        if z.numel() >= self.in_features ** 2:          # many rows: one GEMM with the rebuilt weight beats a gather of the outputs
-            return nn.functional.linear(z, self.dense_weight(), self.bias)
-        y = torch.cat([z, nn.functional.linear(z, self.weight)], -1).index_select(-1, self.order)
-        return y if self.bias is None else y + self.bias
+    def forward(self, z): return compact_linear(z, self.weight, self.order, self.bias)
 
     def dense_weight(self):
         "The full (m, k) weight."
-        full = torch.cat([torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device), self.weight])
-        return full.index_select(0, self.order)
+        return _compact_dense(self.weight, self.order)
 
     def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
 

@@ -205,7 +205,9 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     roots = layer_out_roots(og, model, data, n_batches, cands)
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact)
-    if not plans: raise ValueError('no layer of the model can be decomposed')
+    if not plans:
+        done = sum(isinstance(m, LowRankBlock) for m in model.modules())
+        raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else ''))
     if sens is not None:
         for p in plans: p.weigh(sens[p.name])
         scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.

@@ -8,7 +8,7 @@ Docs: https://fasterai.github.io/fasterai/calibrate.html.md"""
 from __future__ import annotations
 import copy
 import math, warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +20,8 @@ from .ranks import check_range
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
            'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'token_mask', 'real_tokens',
            'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error',
-           'whitened_channel_svd', 'whitened_tucker2', 'PairStats', 'collect_pair_stats', 'compensated_target',
-           'output_grams', 'gram_mean', 'output_root', 'apply_rows']
+           'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'PairStats', 'collect_pair_stats',
+           'compensated_target', 'output_grams', 'gram_mean', 'output_root', 'apply_rows']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -42,6 +42,9 @@ def iter_batches(data, n_batches: int | None = None, bs: int = 32):
     "Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or iterable, or fastai `DataLoaders`."
     if n_batches is not None and n_batches < 0: raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
     if _is_fastai_dls(data): data = data.train
+    if isinstance(data, Iterator):
+        raise TypeError(f'data must be re-iterable (a tensor, a list of batches, a DataLoader), got a one-shot {type(data).__name__}: '
+                        'calibration reads it several times; pass list(...) of it')
     n_inp = getattr(data, 'n_inp', 1) or 1
     it = data.split(bs) if isinstance(data, torch.Tensor) else data
     for i, b in enumerate(it):
@@ -403,6 +406,57 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
 # %% ../../nbs/03_calibrate.ipynb #c059
+def _spatial_weight(V, H):
+    "Ŵ (T, S, kh, kw) from the vertical factor V (R, S, kh) and the horizontal factor H (T, R, kw)."
+    return torch.einsum('rsi,trj->tsij', V, H)
+
+def _refit_horizontal(W2, Sr, V, kw):
+    "The H (T, R, kw) minimizing tr((W − HΦ)Σ(W − HΦ)ᵀ) for V fixed; `Sr` the ridged Σ, W2 the (T, S·kh·kw) weight."
+    R, S, kh = V.shape
+    Phi = torch.einsum('rsi,jk->rjsik', V, torch.eye(kw, dtype=V.dtype, device=V.device)).reshape(R * kw, -1)
+    PS = Phi @ Sr
+    Hf = torch.linalg.lstsq(PS @ Phi.T, PS @ W2.T).solution.T                  # W Σ Φᵀ (Φ Σ Φᵀ)⁻¹, Φ Σ Φᵀ symmetric
+    return Hf.reshape(-1, R, kw)
+
+def whitened_spatial(W, sigma, r: int, out_root=None, ridge: float = 1e-6):
+    """Spatial-SVD factors of a Conv2d weight `W` (T, S, kh, kw) at rank `r` for patches of second moment `sigma`
+    (S·kh·kw square, columns ordered as `W.reshape(T, -1)`): `(vertical (r, S, kh, 1), horizontal (T, r, 1, kw), error)`,
+    float64, `error` the relative output error E‖(W − Ŵ)x‖ / E‖Wx‖ on `sigma` (in the ‖P·‖ norm with `out_root` = (P, P⁻¹))."""
+    Wd = W.detach().double()
+    T, S, kh, kw = Wd.shape
+    D = S * kh * kw
+    Sg = sigma.detach().to(Wd.device, torch.float64)
+    if Sg.shape != (D, D): raise ValueError(f'sigma must be {D}×{D} for a {tuple(W.shape)} weight, got {tuple(Sg.shape)}')
+    if not 1 <= r <= min(S * kh, T * kw): raise ValueError(f'rank must be in [1, {min(S * kh, T * kw)}], got {r}')
+    tr = float(Sg.diagonal().sum())
+    if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
+    Sr = Sg + (ridge * tr / D if tr > 0 else 1.) * torch.eye(D, dtype=torch.float64, device=Wd.device)
+    Wp = Wd if out_root is None else apply_rows(out_root[0], Wd)
+    W2, Wp2 = Wd.reshape(T, D), Wp.reshape(T, D)
+    def err(V, H):
+        E = Wp2 - (_spatial_weight(V, H) if out_root is None else apply_rows(out_root[0], _spatial_weight(V, H))).reshape(T, D)
+        den = float(((Wp2 @ Sg) * Wp2).sum())                                  # measured on Σ itself (the ridge only solves)
+        return math.sqrt(max(float(((E @ Sg) * E).sum()), 0.) / den) if den > 0 else 0.
+    S4 = Sr.view(S * kh, kw, S * kh, kw)
+    LA, LB = whitening(S4.diagonal(dim1=1, dim2=3).mean(-1), ridge), whitening(S4.diagonal(dim1=0, dim2=2).mean(-1), ridge)
+    M = Wp.reshape(T, S * kh, kw).permute(1, 0, 2)                             # rows (s, i), columns (t, j)
+    starts = []
+    for left, right in ((LA, LB), (None, None)):                               # separable-whitened, and weight-only
+        Mw = M if left is None else left.T @ (M @ right).reshape(S * kh, T * kw)
+        U = leading_subspace(Mw.reshape(S * kh, T * kw), r)[0]                 # top-r left singular vectors (Gram + eigh)
+        Vf = U if left is None else torch.linalg.solve_triangular(left.T, U, upper=True) if bool((left.triu(1) == 0).all()) else torch.linalg.solve(left.T, U)
+        starts.append(Vf.T.reshape(r, S, kh))
+    best = None
+    for V in starts:
+        H = _refit_horizontal(W2, Sr, V, kw)                                   # the exact optimum for this V
+        e = err(V, H)
+        if best is None or e < best[2]: best = (V, H, e)
+    V, H, e = best
+    nv, nh = V.reshape(r, -1).norm(dim=1), H.permute(1, 0, 2).reshape(r, -1).norm(dim=1)   # balance the two factors' scales
+    g = torch.where((nv > 0) & (nh > 0), (nh / nv.clamp_min(1e-300)).sqrt(), torch.ones_like(nv))
+    return (V * g[:, None, None]).unsqueeze(-1), (H / g[None, :, None]).unsqueeze(2), e
+
+# %% ../../nbs/03_calibrate.ipynb #c064
 class PairStats(_Moments):
     "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
     groups = 1
@@ -455,7 +509,7 @@ def compensated_target(W, st: PairStats, ridge: float = 1e-6):
     W2 = W.reshape(W.shape[0], -1).double().to(S.device)
     return torch.linalg.solve(Sr, (W2 @ st.cross + lam * W2).T).T
 
-# %% ../../nbs/03_calibrate.ipynb #c062
+# %% ../../nbs/03_calibrate.ipynb #c067
 def _first_tensor(out):
     "The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or `ModelOutput`)."
     if isinstance(out, torch.Tensor): return out if out.is_floating_point() else None

@@ -120,6 +120,9 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
         A, B, s = whitened_lowrank(Wp.reshape(T, -1).double(), sigma, r)
         A = back(A)
         return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
+    if method == 'spatial':
+        vert, hor, err = whitened_spatial(W, sigma, ranks[0], out_root)
+        return (vert, hor), torch.einsum('rsi,trj->tsij', vert[..., 0], hor[:, :, 0]), err
     core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
     U_out = back(U_out)                                                 # the last 1×1 conv takes any matrix
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
@@ -231,19 +234,21 @@ class Conv_Decomposer(Decomposer):
         def plan(name, conv, in_shape, work):
             row = dict(method=method)
             reason = method_reason(conv, method)
-            if reason: return None, dict(row, reason=reason)
+            if reason:
+                if in_shape: row.update(macs_before=layer_macs(conv, tuple(in_shape[2:])))
+                return None, dict(row, reason=reason)
             W, g = conv.weight.detach(), conv.groups
             full = full_ranks(conv, method)
             st = stats_for(name, conv, work) if supports_stats(conv) else None
             if st is not None and st.n == 0: st = None
-            aware = st is not None and method in ('svd', 'tucker')
+            aware = st is not None and method in ('svd', 'tucker', 'spatial')
             Wt = layer_target(W, st) if aware else W                         # what the block should reproduce
             P = root_for(name) if aware else None                             # output weighting (see `output_grams`)
             given = self.explicit_rank(ranks, name)
             if given is not None: r = check_explicit_rank(name, given, len(full)); r = tuple(clamp_rank(v, f if method != 'cp' else cp_rank_bound(conv)) for v, f in zip(r, full))
             else:
                 mats = mode_matrices(Wt.to(work_dtype(W)), method, g)
-                if aware and (energy_threshold is not None or rank == 'vbmf'):   # output-side rank from the whitened spectrum of Σ̂
+                if aware and method != 'spatial' and (energy_threshold is not None or rank == 'vbmf'):   # output-side rank from the whitened spectrum of Σ̂
                     mats[0] = [(mats[0][0].double() if P is None else apply_rows(P[0], mats[0][0])) @ whitening(st.estimate(shrinkage))]
                 r = choose_ranks(mats, full, percent_removed, energy_threshold, rank, calibration)
             row['ranks'] = r

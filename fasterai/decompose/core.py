@@ -174,6 +174,7 @@ class Decomposer:
             row['seconds'] = time.perf_counter() - t0
             row['status'] = 'decomposed' if block is not None else 'skipped'
             row['params_after'] = n_params(block) if block is not None else row['params_before']
+            if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # left as it was (the reason says what a block would cost)
             rows.append(row)
             if block is not None:
                 block.source = name
@@ -182,7 +183,7 @@ class Decomposer:
                 if after_layer is not None: after_layer(name, m, block, work)
         if sample is not None and swaps:
             with eval_mode(work): sample(work)                 # the decomposed model must run
-        self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS)
+        self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
         result = work
         if inplace:
             orig = dict(model.named_modules())

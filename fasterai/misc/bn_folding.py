@@ -164,6 +164,10 @@ class BN_Folder:
             pname, p, reason = check_bn(bn, calls, names, read, shared, ndims.get(id(bn)))
             rows.append(dict(bn=name, producer=pname, folded=reason is None, reason=reason))
             if reason is None: plans.append((bn, p, *fold_weights(p.weight, p.bias, bn)))
+        lin = [r['bn'] for r, (_, p, *_) in zip([r for r in rows if r['folded']], plans) if isinstance(p, nn.Linear)]
+        if lin and sample is None:
+            warnings.warn(f'BN_Folder: folded Linear → BatchNorm1d for {lin} without sample=; that is right only when the BatchNorm sees '
+                          '(N, C) input (not a Linear over the last axis of (N, C, L)); pass sample= to check')
         return rows, plans
 
     def summary(self) -> str:
