@@ -174,7 +174,8 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
         raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
     nb = kwargs.get('n_batches', 8)
-    if not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1): raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
+    if kwargs.get('data') is not None and not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1):
+        raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
     run = sample_runner(model, input_shape)
     cands = {}
     for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
