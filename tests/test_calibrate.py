@@ -241,12 +241,16 @@ def heldout(conv, W_hat, x):
     y = F.conv2d(x, conv.weight, padding=1)
     return rel(F.conv2d(x, W_hat, padding=1), y)
 
-@pytest.mark.parametrize('iso', [False, True])
-def test_whitened_tucker_beats_weight_only_heldout(iso):
+def calibrated_conv(iso):
+    "A 24→20 3×3 conv, its patch statistics on (an)isotropic maps, and held-out maps."
     torch.manual_seed(1)
     conv = nn.Conv2d(24, 20, 3, padding=1, bias=False).double().requires_grad_(False)
     stats = collect_stats(conv, maps(48, 24, 0, iso), {'c': conv}, n_batches=None)['c']
-    test = maps(48, 24, 1, iso)
+    return conv, stats, maps(48, 24, 1, iso)
+
+@pytest.mark.parametrize('iso', [False, True])
+def test_whitened_tucker_beats_weight_only_heldout(iso):
+    conv, stats, test = calibrated_conv(iso)
     ro, ri = 12, 6
     core, Uo, Ui, info = whitened_tucker2(conv.weight, stats.sigma, ro, ri)
     c0, o0, i0, _ = tucker2(conv.weight, ro, ri)
@@ -292,10 +296,7 @@ def _sp(V, H): return torch.einsum('rsi,trj->tsij', V[..., 0], H[:, :, 0])
 
 @pytest.mark.parametrize('iso', [False, True])
 def test_whitened_spatial_beats_weight_only_heldout(iso):
-    torch.manual_seed(1)
-    conv = nn.Conv2d(24, 20, 3, padding=1, bias=False).double().requires_grad_(False)
-    stats = collect_stats(conv, maps(48, 24, 0, iso), {'c': conv}, n_batches=None)['c']
-    test = maps(48, 24, 1, iso)
+    conv, stats, test = calibrated_conv(iso)
     V, H, err = whitened_spatial(conv.weight, stats.sigma, 10)
     assert V.shape == (10, 24, 3, 1) and H.shape == (20, 10, 1, 3)
     v0, h0, _ = spatial_svd(conv.weight.double(), 10)
