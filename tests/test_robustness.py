@@ -200,3 +200,52 @@ def test_budget_on_an_already_decomposed_model_says_so():
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     once = decompose(m, budget=0.5, compact=True, verbose=False)
     with pytest.raises(ValueError, match='already decomposed'): decompose(once, budget=0.5, verbose=False)
+
+
+def test_inplace_decompose_is_atomic_across_the_conv_and_linear_passes(monkeypatch):
+    import fasterai.decompose.fc as fcmod
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 10))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    def boom(*a, **k): raise RuntimeError('boom')
+    monkeypatch.setattr(fcmod, 'linear_block', boom)
+    with pytest.raises(RuntimeError, match='boom'): decompose(m, 0.3, input_shape=(1, 64, 4, 4), inplace=True, verbose=False)
+    assert [type(l) for l in m] == [nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    monkeypatch.undo()
+    out = decompose(m, 0.3, input_shape=(1, 64, 4, 4), inplace=True, verbose=False)
+    assert out is m and isinstance(m[0], LowRankConv) and isinstance(m[3], LowRankLinear)
+
+
+class Twice(nn.Module):
+    "a(b(a(x))): a's first call sees inputs in dims 0-3, its second call in dims 4-15."
+    def __init__(self):
+        super().__init__(); self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        with torch.no_grad():
+            self.b.weight.zero_(); self.b.weight[4:, :12] = torch.randn(12, 12)
+    def forward(self, x): return self.a(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize('compensate', [False, True])
+def test_a_layer_called_twice_is_calibrated_on_both_calls(compensate):
+    torch.manual_seed(0)
+    m = Twice()
+    x = torch.zeros(256, 16); x[:, :4] = torch.randn(256, 4)
+    d = FC_Decomposer()
+    n = d.decompose(m, ranks={'a': 6}, exclude=['b'], data=[x], compensate=compensate, allow_growth=True, verbose=False)
+    seq_err = rel(n(x), m(x))
+    p = FC_Decomposer().decompose(m, ranks={'a': 6}, exclude=['b'], data=[x], sequential=False, allow_growth=True, verbose=False)
+    assert seq_err <= rel(p(x), m(x)) + 1e-6                          # as good as the one-pass statistics of both calls
+    assert d.report.output_error[0] > 0.01                            # and the report does not claim a near-perfect fit
+
+
+def test_meta_device_layers_are_skipped_with_a_reason():
+    d = FC_Decomposer()
+    out = d.decompose(nn.Sequential(nn.Linear(16, 32)).to('meta'), 0.5, verbose=False)
+    assert d.report.status[0] == 'skipped' and 'meta' in d.report.reason[0]
+    assert out[0].weight.is_meta
+
+
+def test_budget_with_no_eligible_layer_says_why():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)
+    with pytest.raises(ValueError, match='reads .linear1.weight directly'): decompose(enc, 0.5, verbose=False)

@@ -208,7 +208,11 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact)
     if not plans:
         done = sum(isinstance(m, LowRankBlock) for m in model.modules())
-        raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else ''))
+        owners, shared = find_owners(model), shared_params(model)
+        why = {n: skip_reason(m, nn.Linear if isinstance(m, nn.Linear) else type(m), owners, shared) for n, m in cands.items()}
+        why = [f'{n}: {r}' for n, r in why.items() if r][:5]
+        raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else '')
+                         + (f"; e.g. {'; '.join(why)}" if why else ''))
     if sens is not None:
         for p in plans: p.weigh(sens[p.name])
         scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
@@ -220,19 +224,24 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
                       f'{1 - fixed / total_all:.1%} of them; the plan keeps {cost / total_all:.1%}, with every eligible layer at its lowest rank. '
                       f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
     chosen = {n: r for n, r in ranks.items() if r is not None}
-    out, reports = (model if inplace or chosen else safe_deepcopy(model)), []            # never the caller's object unless inplace
+    out, reports = model, []                  # both passes work on a copy; an in-place caller gets the blocks only at the end
     conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
     fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
     if conv_names:
         d = Conv_Decomposer()
         out = d.decompose(out, method=method, layers=conv_names, ranks={n: chosen[n] for n in conv_names},
-                          inplace=inplace, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
+                          inplace=False, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
         reports.append(d.report)
     if fc_names:
         d = FC_Decomposer()
         out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
-                          inplace=inplace or out is not model, input_shape=input_shape, output_grams=og, compact=compact, verbose=False, **kwargs)
+                          inplace=out is not model, input_shape=input_shape, output_grams=og, compact=compact, verbose=False, **kwargs)
         reports.append(d.report)
+    if out is model: out = model if inplace else safe_deepcopy(model)     # nothing decomposed: never the caller's object unless inplace
+    elif inplace:                                                          # everything worked: now swap the blocks into the caller's model
+        done = [n for r in reports for n in r.name[r.status == 'decomposed']]
+        orig = dict(model.named_modules(remove_duplicate=False))
+        out = Decomposer()._swap(model, [(orig[n], out.get_submodule(n)) for n in done], find_owners(model))
     import pandas as pd
     decompose.report = pd.concat(reports, ignore_index=True) if reports else pd.DataFrame(columns=REPORT_COLUMNS)
     if verbose:

@@ -19,9 +19,9 @@ from .ranks import check_range
 # %% auto #0
 __all__ = ['CONV_STAT_TYPES', 'iter_batches', 'model_device', 'run_model', 'conv_pads', 'conv_patches', 'layer_inputs',
            'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink', 'InputStats', 'token_mask', 'real_tokens',
-           'collect_stats', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error', 'predicted_error',
-           'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'PairStats', 'collect_pair_stats',
-           'compensated_target', 'output_grams', 'gram_mean', 'output_root', 'apply_rows']
+           'collect_stats', 'call_counts', 'whitening', 'unwhiten', 'whitened_lowrank', 'output_error',
+           'predicted_error', 'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'PairStats',
+           'collect_pair_stats', 'compensated_target', 'output_grams', 'gram_mean', 'output_root', 'apply_rows']
 
 # %% ../../nbs/03_calibrate.ipynb #c006
 def _is_fastai_dls(data):
@@ -254,6 +254,21 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
     empty = [n for n, s in stats.items() if s.n == 0]
     if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
+
+def call_counts(model, data, modules: dict) -> dict:
+    """How many times each of `modules` (name → module of `model`) runs in one forward pass of `model` on the first batch
+    of `data` (eval mode, no grad; modes and hooks restored). A layer called twice (a shared block) sees two kinds of input."""
+    counts, hooks = {n: 0 for n in modules}, []
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for n, m in modules.items(): hooks.append(m.register_forward_pre_hook(lambda mod, args, n=n: counts.__setitem__(n, counts[n] + 1)))
+        model.eval()
+        with torch.no_grad():
+            for item in iter_batches(data, 1): run_model(model, item)
+    finally:
+        for h in hooks: h.remove()
+        for m, t in modes.items(): m.training = t
+    return counts
 
 # %% ../../nbs/03_calibrate.ipynb #c035
 def whitening(sigma, ridge: float = 1e-6):

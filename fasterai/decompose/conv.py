@@ -149,10 +149,15 @@ def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=
     not sequential: `InputStats` of all layers from one pass over `model`."""
     if data is None: return lambda name, m, work: None
     if not (isinstance(n_batches, int) and n_batches >= 1): raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
-    if sequential and compensate:
-        orig = dict(model.named_modules())
-        return lambda name, m, work: collect_pair_stats(model, work, data, orig[name], m, n_batches)
-    if sequential: return lambda name, m, work: collect_stats(work, data, {name: m}, n_batches, stop_early=True)[name]
+    if sequential:
+        orig, counts = dict(model.named_modules()), {}
+        def once(name):                               # a layer run twice per forward needs every call's inputs
+            if not counts: counts.update(call_counts(model, data, {n: m for n, m in orig.items() if isinstance(m, kinds) and supports_stats(m)}))
+            return counts.get(name, 1) <= 1
+        def f(name, m, work):
+            if compensate and once(name): return collect_pair_stats(model, work, data, orig[name], m, n_batches)
+            return collect_stats(work, data, {name: m}, n_batches, stop_early=once(name))[name]
+        return f
     mods = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and supports_stats(m)}
     if layers is not None: mods = {n: m for n, m in mods.items() if any(n == p or n.startswith(p + '.') for p in layers)}
     pre = collect_stats(model, data, mods, n_batches)

@@ -55,6 +55,7 @@ def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
     if parametrize.is_parametrized(m): return 'weight is parametrized'
     if m._forward_hooks or m._forward_pre_hooks: return 'has forward hooks (e.g. weight_norm/spectral_norm)'
     if not w.is_floating_point(): return f'weight dtype {w.dtype} is not floating point'
+    if w.is_meta: return "weight is on the 'meta' device (no values to factor)"
     if any(id(p) in shared for p in m.parameters(recurse=False)): return 'weight shared with another module'
     for parent, attr, _ in owners.get(id(m), []):
         if _reads_weight(parent, attr): return f'owner {type(parent).__name__} reads .{attr}.weight directly'
