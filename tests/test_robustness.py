@@ -249,3 +249,17 @@ def test_meta_device_layers_are_skipped_with_a_reason():
 def test_budget_with_no_eligible_layer_says_why():
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2, enable_nested_tensor=False)
     with pytest.raises(ValueError, match='reads .linear1.weight directly'): decompose(enc, 0.5, verbose=False)
+
+
+def test_energy_threshold_one_keeps_the_small_tail():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(64, 64, bias=False))
+    with torch.no_grad(): m[0].weight.copy_(torch.randn(64, 2) @ torch.randn(2, 64) + 1e-3 * torch.randn(64, 64))
+    d = FC_Decomposer()
+    n = d.decompose(m, energy_threshold=1.0, allow_growth=True, verbose=False)
+    assert d.report.ranks[0] == (64,)
+    x = torch.randn(8, 64)
+    assert rel(n(x), m(x)) < 1e-5
+    from fasterai.decompose.conv import spectrum
+    s = spectrum(m[0].weight.detach())
+    assert (s > 0).all() and torch.allclose(s, torch.linalg.svdvals(m[0].weight.detach().double()), rtol=1e-6)

@@ -220,8 +220,9 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     total_all = fixed + sum(p.dense for p in plans)
     ranks, cost, _ = allocate(plans, budget * total_all, fixed)
     if cost > budget * total_all + 0.01 * total_all:
-        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: the {len(plans)} eligible layer(s) hold only '
-                      f'{1 - fixed / total_all:.1%} of them; the plan keeps {cost / total_all:.1%}, with every eligible layer at its lowest rank. '
+        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: with every eligible layer at its lowest rank the model keeps '
+                      f'{cost / total_all:.1%} (the {len(plans)} eligible layer(s) hold {1 - fixed / total_all:.1%} of the {budget_on}, '
+                      f'and a rank-1 block still costs something). '
                       f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
     chosen = {n: r for n, r in ranks.items() if r is not None}
     out, reports = model, []                  # both passes work on a copy; an in-place caller gets the blocks only at the end

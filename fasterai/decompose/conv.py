@@ -71,8 +71,11 @@ def mode_matrices(W, method, groups=1):
     return [[W.reshape(T, -1)]]
 
 def spectrum(M):
-    "Singular values of `M`, from the Gram of its smaller side."
-    return leading_subspace(M if M.shape[0] <= M.shape[1] else M.T, 0)[1]
+    """Singular values of `M`, from the Gram of its smaller side; in float64 unless that Gram costs over 2³⁰ multiply-adds
+    (a float32 Gram loses the singular values below ~3e-4·σ₁, which `energy_threshold` near 1 needs)."""
+    M = M if M.shape[0] <= M.shape[1] else M.T
+    if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
+    return leading_subspace(M, 0)[1]
 
 def choose_ranks(mats, full, percent_removed=0.5, energy_threshold=None, rank=None, calibration=0.0):
     "One rank per slot from `rank='vbmf'`, `energy_threshold` or `percent_removed` (largest over groups)."
