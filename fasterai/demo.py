@@ -102,13 +102,15 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, 
 # %% ../nbs/10_demo.ipynb #c012
 def cli(argv=None):
     "`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T]`: run `main`."
-    import argparse
-    p = argparse.ArgumentParser(prog='python -m fasterai.demo', description=main.__doc__)
-    p.add_argument('--epochs', type=int, default=5, help='training epochs of the dense CNN (default 5)')
-    p.add_argument('--lr', type=float, default=3e-3, help='training learning rate (default 3e-3)')
-    p.add_argument('--ft-lr', type=float, default=2e-4, help='fine-tuning learning rate (default 2e-4)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--threads', type=int, default=1, help='torch CPU threads (0: leave as is; default 1)')
+    import argparse, inspect
+    d = {k: v.default for k, v in inspect.signature(main).parameters.items()}
+    p = argparse.ArgumentParser(prog='python -m fasterai.demo', description=main.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--epochs', type=int, default=d['epochs'], help='training epochs of the dense CNN')
+    p.add_argument('--lr', type=float, default=d['lr'], help='training learning rate')
+    p.add_argument('--ft-lr', type=float, default=d['ft_lr'], help='fine-tuning learning rate')
+    p.add_argument('--seed', type=int, default=d['seed'])
+    p.add_argument('--threads', type=int, default=d['threads'], help='torch CPU threads (0: leave as is)')
     a = p.parse_args(argv)
     if a.epochs < 1: p.error('--epochs must be >= 1')
     return main(a.epochs, a.lr, a.ft_lr, a.seed, a.threads or None)

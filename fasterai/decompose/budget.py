@@ -15,7 +15,7 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .conv import *
-from .conv import sample_runner, _nominal_size
+from .conv import sample_runner, _nominal_size, check_input_shape
 from .fc import *
 from .fc import linear_positions
 from .calibrate import *
@@ -171,8 +171,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
                                'for ranks of your own use Conv_Decomposer / FC_Decomposer')
     unknown = sorted(set(kwargs) - _PASSED_ON)
     if unknown: raise TypeError(f'decompose() got unexpected keyword argument(s) {unknown}; it also takes {sorted(_PASSED_ON)}')
-    if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
-        raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
+    check_input_shape(input_shape)
     nb = kwargs.get('n_batches', 8)
     if kwargs.get('data') is not None and not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1):
         raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
@@ -209,7 +208,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if not plans:
         done = sum(isinstance(m, LowRankBlock) for m in model.modules())
         owners, shared = find_owners(model), shared_params(model)
-        why = {n: skip_reason(m, nn.Linear if isinstance(m, nn.Linear) else type(m), owners, shared) for n, m in cands.items()}
+        why = {n: skip_reason(m, torch_base(m), owners, shared) for n, m in cands.items()}
         why = [f'{n}: {r}' for n, r in why.items() if r][:5]
         raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else '')
                          + (f"; e.g. {'; '.join(why)}" if why else ''))

@@ -448,9 +448,9 @@ def whitened_spatial(W, sigma, r: int, out_root=None, ridge: float = 1e-6):
     Sr = Sg + (ridge * tr / D if tr > 0 else 1.) * torch.eye(D, dtype=torch.float64, device=Wd.device)
     Wp = Wd if out_root is None else apply_rows(out_root[0], Wd)
     W2, Wp2 = Wd.reshape(T, D), Wp.reshape(T, D)
+    den = float(((Wp2 @ Sg) * Wp2).sum())                                      # errors are measured on Σ itself (the ridge only solves)
     def err(V, H):
         E = Wp2 - (_spatial_weight(V, H) if out_root is None else apply_rows(out_root[0], _spatial_weight(V, H))).reshape(T, D)
-        den = float(((Wp2 @ Sg) * Wp2).sum())                                  # measured on Σ itself (the ridge only solves)
         return math.sqrt(max(float(((E @ Sg) * E).sum()), 0.) / den) if den > 0 else 0.
     S4 = Sr.view(S * kh, kw, S * kh, kw)
     LA, LB = whitening(S4.diagonal(dim1=1, dim2=3).mean(-1), ridge), whitening(S4.diagonal(dim1=0, dim2=2).mean(-1), ridge)
@@ -459,8 +459,7 @@ def whitened_spatial(W, sigma, r: int, out_root=None, ridge: float = 1e-6):
     for left, right in ((LA, LB), (None, None)):                               # separable-whitened, and weight-only
         Mw = M if left is None else left.T @ (M @ right).reshape(S * kh, T * kw)
         U = leading_subspace(Mw.reshape(S * kh, T * kw), r)[0]                 # top-r left singular vectors (Gram + eigh)
-        Vf = U if left is None else torch.linalg.solve_triangular(left.T, U, upper=True) if bool((left.triu(1) == 0).all()) else torch.linalg.solve(left.T, U)
-        starts.append(Vf.T.reshape(r, S, kh))
+        starts.append((U.T if left is None else unwhiten(U.T, left)).reshape(r, S, kh))    # rows of Uᵀ L_A⁻¹: V = L_A⁻ᵀ U
     best = None
     for V in starts:
         H = _refit_horizontal(W2, Sr, V, kw)                                   # the exact optimum for this V

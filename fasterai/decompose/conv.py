@@ -14,13 +14,13 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .calibrate import *
-from .calibrate import output_grams as _output_grams
+from .calibrate import output_grams as _output_grams, _spatial_weight
 from collections.abc import Mapping
 
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'cp_rank_bound', 'full_ranks', 'mode_matrices',
            'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_out_roots', 'layer_stats',
-           'layer_target', 'check_explicit_rank', 'sample_runner', 'Conv_Decomposer']
+           'layer_target', 'check_explicit_rank', 'check_input_shape', 'sample_runner', 'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -125,7 +125,7 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
         return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
     if method == 'spatial':
         vert, hor, err = whitened_spatial(W, sigma, ranks[0], out_root)
-        return (vert, hor), torch.einsum('rsi,trj->tsij', vert[..., 0], hor[:, :, 0]), err
+        return (vert, hor), _spatial_weight(vert[..., 0], hor[:, :, 0]), err
     core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
     U_out = back(U_out)                                                 # the last 1×1 conv takes any matrix
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
@@ -197,7 +197,12 @@ def _check_common(model, percent_removed, energy_threshold, ranks, rank, calibra
             if not isinstance(mods[n], (nn.Linear, *CONV_KINDS, LowRankBlock)):
                 raise ValueError(f'ranks: {n!r} is a {type(mods[n]).__name__}, not a Conv or Linear layer; give ranks per layer '
                                  f"(e.g. {next((k for k, m in mods.items() if k.startswith(n + '.') and isinstance(m, (nn.Linear, *CONV_KINDS))), 'its layers')!r})")
-    if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and d > 0 for d in input_shape)):
+    check_input_shape(input_shape)
+
+def check_input_shape(input_shape):
+    "Raise a ValueError unless `input_shape` is None or a tuple of positive ints."
+    if input_shape is not None and not (isinstance(input_shape, (tuple, list, torch.Size))
+                                        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
         raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
 
 def sample_runner(model, input_shape, data=None):

@@ -159,12 +159,12 @@ class BN_Folder:
         calls, read, shared = module_calls(gm), read_tensors(gm), _shared_params(work)
         names = {id(m): n for n, m in work.named_modules()}
         ndims = input_ndims(work, bns, sample) if sample is not None and bns else {}
-        rows, plans = [], []
+        rows, plans, lin = [], [], []
         for name, bn in bns.items():
             pname, p, reason = check_bn(bn, calls, names, read, shared, ndims.get(id(bn)))
             rows.append(dict(bn=name, producer=pname, folded=reason is None, reason=reason))
             if reason is None: plans.append((bn, p, *fold_weights(p.weight, p.bias, bn)))
-        lin = [r['bn'] for r, (_, p, *_) in zip([r for r in rows if r['folded']], plans) if isinstance(p, nn.Linear)]
+            if reason is None and isinstance(p, nn.Linear): lin.append(name)
         if lin and sample is None:
             warnings.warn(f'BN_Folder: folded Linear → BatchNorm1d for {lin} without sample=; that is right only when the BatchNorm sees '
                           '(N, C) input (not a Linear over the last axis of (N, C, L)); pass sample= to check')
