@@ -79,7 +79,11 @@ def _finish(block, layer, weights, bias, source=''):
         if bias is not None: block[-1].bias.copy_(bias)
     for p in block.parameters():
         p.data = p.data.contiguous()
-        p.requires_grad_(w.requires_grad)
+        p.requires_grad_(w.requires_grad)                    # factors of a frozen weight stay frozen,
+    if isinstance(getattr(layer, 'bias', None), torch.Tensor) and block[-1].bias is not None:
+        block[-1].bias.requires_grad_(layer.bias.requires_grad)  # and the bias keeps its own flag
+    for name, buf in layer._buffers.items():                 # the layer's own buffers (a user's mask, a scale) stay with it
+        if buf is not None: block.register_buffer(name, buf.detach().clone(), persistent=name not in layer._non_persistent_buffers_set)
     return block.train(layer.training)
 
 # %% ../../nbs/02_blocks.ipynb #c009
@@ -229,6 +233,7 @@ def conv_out_size(conv, in_size):
 def layer_macs(m, in_size=None):
     "MACs of one Conv (spatial `in_size`) or Linear (`in_size` = number of positions, default 1), bias excluded."
     if isinstance(m, (nn.Linear, CompactLinear)): return m.weight.numel() * (in_size or 1)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd): return m.weight.numel() * math.prod(in_size)   # each input pixel scatters a kernel
     return m.weight.numel() * math.prod(conv_out_size(m, in_size))
 
 def block_macs(block, in_size):

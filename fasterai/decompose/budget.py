@@ -21,7 +21,7 @@ from .fc import linear_positions
 from .calibrate import *
 
 # %% auto #0
-__all__ = ['LayerPlan', 'allocate', 'plan_layers', 'whitened_spectra', 'output_sensitivity', 'decompose']
+__all__ = ['LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'whitened_spectra', 'output_sensitivity', 'decompose']
 
 # %% ../../nbs/07_budget.ipynb #c005
 class LayerPlan:
@@ -81,9 +81,16 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     return best[0], best[1], total
 
 # %% ../../nbs/07_budget.ipynb #c008
-def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None, compact=False):
-    "A `LayerPlan` per eligible layer, and the cost of everything else in the model."
+def dense_macs(m, in_shape):
+    "MACs of a Linear or conv (transposed too) run on input shape `in_shape` (batch 1 per sample), or None without a shape for a conv."
+    if isinstance(m, nn.Linear): return m.weight.numel() * linear_positions(in_shape)
+    return layer_macs(m, tuple(in_shape[2:])) if in_shape else None
+
+def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None, compact=False,
+                skipped: list | None = None):
+    "A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a list) gets (name, layer, reason) of the others."
     plans, kinds = [], []
+    skipped = [] if skipped is None else skipped
     if conv: kinds.append((Conv_Decomposer(), method))
     if fc: kinds.append((FC_Decomposer(), 'svd'))
     owners, shared = find_owners(model), shared_params(model)
@@ -91,9 +98,10 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
         cands, _ = dec.candidates(model, layers, exclude)
         for name, m in cands:
             base = next(k for k in dec.kinds if isinstance(m, k))
-            if skip_reason(m, base, owners, shared): continue
             lin = isinstance(m, nn.Linear)
-            if not lin and (method_reason(m, meth) or meth == 'cp' or m.groups > 1): continue
+            why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, meth))
+            if why is None and not lin and m.groups > 1: why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
+            if why: skipped.append((name, m, why)); continue
             W = m.weight.detach(); W = W.to(work_dtype(W))
             if spectra_fn is not None and spectra_fn(name, m) is not None: spec = spectra_fn(name, m)
             elif lin: spec = [spectrum(W)]
@@ -107,9 +115,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
         for dec, _ in kinds:
             for name, m in dec.candidates(model, layers, exclude)[0]:
                 if id(m) in in_plans: continue
-                shp = (shapes or {}).get(name)
-                if isinstance(m, nn.Linear): fixed += m.weight.numel() * linear_positions(shp)
-                elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and shp: fixed += layer_macs(m, tuple(shp[2:]))
+                fixed += dense_macs(m, (shapes or {}).get(name)) or 0
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
@@ -150,6 +156,27 @@ def _passed_on():
                               'method', 'inplace', 'input_shape', 'verbose'})
 _PASSED_ON = _passed_on()
 
+def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude):
+    "The decomposers' rows, plus one row per candidate layer left as it was (and why), in the model's order."
+    import pandas as pd
+    def row(name, m, reason, method=None):
+        pb, mb = n_params(m), dense_macs(m, shapes.get(name))
+        return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb, macs_before=mb, macs_after=mb,
+                    status='skipped', reason=reason)
+    extra = [row(n, m, why) for n, m, why in skipped]
+    extra += [row(p.name, p.layer, 'kept dense: the budget was met at lower error by cutting other layers', p.method) for p in plans if p.name not in chosen]
+    for dec, on in zip((Conv_Decomposer(), FC_Decomposer()), which):
+        if on: extra += [dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks, params_before=n_params(b), params_after=n_params(b),
+                              status='skipped', reason='already decomposed') for n, b in dec.candidates(model, layers, exclude)[1]]
+    frames = [r for r in reports if len(r)] + ([pd.DataFrame(extra, columns=REPORT_COLUMNS)] if extra else [])
+    if not frames: return pd.DataFrame(columns=REPORT_COLUMNS)
+    rep = pd.concat(frames, ignore_index=True).astype({'reason': object, 'status': object})
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    rep = rep.drop_duplicates('name').sort_values('name', key=lambda c: c.map(lambda n: order.get(n, len(order))), kind='stable')
+    return rep.reset_index(drop=True)
+
+@allow_autograd
+@with_conv1d(lambda a, f: (lambda: f.__globals__['decompose'].report, lambda r: setattr(f.__globals__['decompose'], 'report', r)))
 def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
               fc: bool = True, layers=None, exclude=None, *, input_shape=None, sensitivity: bool | None = None, inplace: bool = False,
               verbose: bool = True, **kwargs):
@@ -160,7 +187,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     moves the model's output; with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each layer's
     output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the factors. Returns the new model;
     `decompose.report` holds the per-layer rows (with output weighting, `predicted_error` and `output_error` are in the weighted norm)."""
-    if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+    check_model(model)
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
     if method not in ('svd', 'tucker', 'spatial'): raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
@@ -183,7 +210,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     if data is not None and run is None: run = sample_runner(model, None, data)
     try: shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
     except Exception as e:
-        what = f'input_shape={tuple(input_shape)}' if input_shape is not None and data is None else 'the first batch of data'
+        what = f'input_shape={tuple(input_shape)} (zeros of the model\'s dtype)' if input_shape is not None else 'the first batch of data'
         raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e
     auto = sensitivity is None
     if auto: sensitivity = data is not None
@@ -204,12 +231,17 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
         og, sens = None, None
     roots = layer_out_roots(og, model, data, n_batches, cands)
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact)
+    skipped = []
+    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact, skipped)
+    if sens is not None:                                # a layer the followed output never reads: no measure of its error, so no cut
+        for p in [p for p in plans if not sens.get(p.name, 0) > 0]:
+            skipped.append((p.name, p.layer, 'sensitivity 0: its output never reached the model output that calibration follows '
+                                             '(a dead branch, or another output such as a pooler); left dense'))
+            fixed += p.dense
+        plans = [p for p in plans if sens.get(p.name, 0) > 0]
     if not plans:
         done = sum(isinstance(m, LowRankBlock) for m in model.modules())
-        owners, shared = find_owners(model), shared_params(model)
-        why = {n: skip_reason(m, torch_base(m), owners, shared) for n, m in cands.items()}
-        why = [f'{n}: {r}' for n, r in why.items() if r][:5]
+        why = [f'{n}: {r}' for n, _, r in skipped][:5]
         raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else '')
                          + (f"; e.g. {'; '.join(why)}" if why else ''))
     if sens is not None:
@@ -242,8 +274,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
         done = [n for r in reports for n in r.name[r.status == 'decomposed']]
         orig = dict(model.named_modules(remove_duplicate=False))
         out = Decomposer()._swap(model, [(orig[n], out.get_submodule(n)) for n in done], find_owners(model))
-    import pandas as pd
-    decompose.report = pd.concat(reports, ignore_index=True) if reports else pd.DataFrame(columns=REPORT_COLUMNS)
+    decompose.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude)
     if verbose:
         before = total_all
         after = n_params(out) if budget_on == 'params' else None

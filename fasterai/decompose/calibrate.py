@@ -42,6 +42,10 @@ def iter_batches(data, n_batches: int | None = None, bs: int = 32):
     "Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or iterable, or fastai `DataLoaders`."
     if n_batches is not None and n_batches < 0: raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
     if _is_fastai_dls(data): data = data.train
+    if isinstance(data, Mapping): data = [data]                              # one batch of keyword arguments (a tokenizer's output)
+    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) and t.dim() for t in data)
+            and data[0].shape[0] == data[1].shape[0] and (data[0].shape[1:] != data[1].shape[1:] or data[0].dtype != data[1].dtype)):
+        raise TypeError('data looks like one (input, target) batch; pass a list of batches, [(x, y)], or the inputs alone')
     if isinstance(data, Iterator):
         raise TypeError(f'data must be re-iterable (a tensor, a list of batches, a DataLoader), got a one-shot {type(data).__name__}: '
                         'calibration reads it several times; pass list(...) of it')
@@ -53,7 +57,9 @@ def iter_batches(data, n_batches: int | None = None, bs: int = 32):
 
 # %% ../../nbs/03_calibrate.ipynb #c007
 def _to(v, device):
-    if isinstance(v, torch.Tensor): return v.to(device)
+    if isinstance(v, torch.Tensor):
+        v = v.to(device)
+        return v.clone() if v.is_inference() else v                          # made under inference_mode: autograd cannot save it
     if isinstance(v, Mapping): return {k: _to(t, device) for k, t in v.items()}
     if isinstance(v, (tuple, list)): return type(v)(_to(t, device) for t in v)
     return v
@@ -533,6 +539,7 @@ def _first_tensor(out):
 def _grad_rows(m, g, mask):
     "A layer's output gradient as (positions, channels) rows: real tokens only for a masked (B, T, C) Linear output."
     if isinstance(m, nn.Linear): return real_tokens(m, g, mask).reshape(-1, g.shape[-1])
+    if g.dim() == len(m.kernel_size) + 1: g = g.unsqueeze(0)                # unbatched conv output (C, *spatial)
     return g.movedim(1, -1).reshape(-1, g.shape[1])                          # conv: channels are dim 1
 
 def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 8, n_probes: int = 4, seed: int = 0,
@@ -556,12 +563,15 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
     try:
         for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
         model.eval()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             for item in iter_batches(data, n_batches):
                 probes.clear()
                 out = _first_tensor(run_model(model, item, device))
                 if out is None: raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
-                if not (probes and out.requires_grad): continue
+                if probes and not out.requires_grad:
+                    raise TypeError('output weighting needs the model output to depend on its layers through autograd, but it does not '
+                                    '(does forward run under torch.no_grad / inference_mode, or detach its output?)')
+                if not probes: continue
                 names, mask = list(probes), token_mask(item)                  # padded tokens' outputs are read by nothing
                 for p in range(n_probes):
                     v = torch.randn(out.shape, generator=gen).to(out)

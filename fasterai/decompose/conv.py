@@ -19,8 +19,9 @@ from collections.abc import Mapping
 
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'cp_rank_bound', 'full_ranks', 'mode_matrices',
-           'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'layer_out_roots', 'layer_stats',
-           'layer_target', 'check_explicit_rank', 'check_input_shape', 'sample_runner', 'Conv_Decomposer']
+           'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'check_grams', 'layer_out_roots',
+           'layer_stats', 'layer_target', 'check_explicit_rank', 'check_input_shape', 'sample_runner', 'check_runs',
+           'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -130,6 +131,20 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
     U_out = back(U_out)                                                 # the last 1×1 conv takes any matrix
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
 
+def check_grams(model, grams: Mapping):
+    "Raise a ValueError naming the layer when a given output Gram does not belong to a layer of `model` or has the wrong size."
+    mods = dict(model.named_modules(remove_duplicate=False))
+    for name, G in grams.items():
+        if G is None: continue
+        m = mods.get(name)
+        if isinstance(m, LowRankBlock): continue                               # decomposed by an earlier pass
+        if m is None or not isinstance(m, (nn.Linear, *CONV_KINDS)):
+            raise ValueError(f'output_grams: {name!r} is not a Linear or conv layer of the model')
+        d = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if not isinstance(G, torch.Tensor) or tuple(G.shape) not in ((d, d), (d,)):
+            raise ValueError(f"output_grams[{name!r}] must be a ({d}, {d}) Gram or its ({d},) diagonal, got "
+                             f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
+
 def layer_out_roots(output_grams, model, data, n_batches, cands):
     """`output_grams` resolved to a function name → (P, P⁻¹) or None: `None` (no output weighting), `'auto'` (Grams of
     `cands` from `data` on `model`, see `output_grams`) or a dict name → Gram (or diagonal) as `output_grams` returns."""
@@ -140,6 +155,7 @@ def layer_out_roots(output_grams, model, data, n_batches, cands):
     elif not isinstance(output_grams, Mapping):
         raise ValueError(f"output_grams must be None, 'auto' or a dict of layer name → output Gram, got {type(output_grams).__name__}")
     elif data is None: raise ValueError('output_grams needs data= (the output weighting is applied with the input whitening)')
+    else: check_grams(model, output_grams)
     roots = {}
     def f(name):
         if name not in roots: roots[name] = output_root(output_grams[name]) if output_grams.get(name) is not None else None
@@ -152,6 +168,7 @@ def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=
     not sequential: `InputStats` of all layers from one pass over `model`."""
     if data is None: return lambda name, m, work: None
     if not (isinstance(n_batches, int) and n_batches >= 1): raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
+    check_runs(model, data)
     if sequential:
         orig, counts = dict(model.named_modules()), {}
         def once(name):                               # a layer run twice per forward needs every call's inputs
@@ -216,11 +233,22 @@ def sample_runner(model, input_shape, data=None):
     dev, dt = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
     return lambda m: m(torch.zeros(tuple(input_shape), device=dev, dtype=dt))
 
+def check_runs(model, data=None, input_shape=None):
+    "Run `model` once on the first batch of `data` (or zeros of `input_shape`); a ValueError says what it could not run on."
+    run = sample_runner(model, input_shape, data)
+    if run is None: return
+    try:
+        with eval_mode(model): run(model)
+    except Exception as e:
+        what = 'the first batch of data' if data is not None else f'input_shape={tuple(input_shape)}'
+        raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e
+
 # %% ../../nbs/05_conv.ipynb #c013
 class Conv_Decomposer(Decomposer):
     "Decompose the convolutions of a model into low-rank blocks."
     kinds, block_type, label = CONV_KINDS, LowRankConv, 'Conv_Decomposer'
 
+    @allow_autograd
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, method: str = 'tucker',
                   energy_threshold: float | None = None, layers=None, exclude=None, n_iter: int = 10, tol: float = 1e-4,
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
@@ -230,7 +258,7 @@ class Conv_Decomposer(Decomposer):
         """Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`.
         With `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output channels by how
         much the model's output reads them; `decompose` turns it on by default."""
-        if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+        check_model(model)
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         if not (isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 1): raise ValueError(f'n_iter must be an int >= 1, got {n_iter!r}')

@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/core.html.md"""
 
 # %% ../../nbs/04_core.ipynb #c003
 from __future__ import annotations
-import copy, difflib, inspect, math, re, time
+import copy, difflib, functools, inspect, math, re, time
 from contextlib import contextmanager
 from collections import defaultdict
 import torch
@@ -16,8 +16,8 @@ from torch.nn.utils import parametrize
 from .blocks import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'check_names', 'safe_deepcopy', 'eval_mode',
-           'input_sizes', 'Decomposer']
+__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'allow_autograd', 'check_model', 'check_names',
+           'safe_deepcopy', 'eval_mode', 'input_sizes', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -52,17 +52,35 @@ def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
     w = getattr(m, 'weight', None)
     if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter): return 'weight not initialized'
     if type(m).forward is not base.forward: return f'{type(m).__name__} overrides forward'
-    if parametrize.is_parametrized(m): return 'weight is parametrized'
+    if parametrize.is_parametrized(m): return f"{' and '.join(m.parametrizations.keys())} is parametrized"
     if m._forward_hooks or m._forward_pre_hooks: return 'has forward hooks (e.g. weight_norm/spectral_norm)'
+    if m._backward_hooks or m._backward_pre_hooks: return 'has backward hooks (a block would not call them)'
     if not w.is_floating_point(): return f'weight dtype {w.dtype} is not floating point'
     if w.is_meta: return "weight is on the 'meta' device (no values to factor)"
-    if any(id(p) in shared for p in m.parameters(recurse=False)): return 'weight shared with another module'
+    if w.numel() == 0: return f'weight has a zero-size dimension {tuple(w.shape)}'
+    sh = [n for n, p in m.named_parameters(recurse=False) if id(p) in shared]
+    if sh: return f"{' and '.join(sh)} shared with another module"
+    if any(b.isdigit() for b in m._buffers): return 'has a buffer named like a block layer (a digit)'
     for parent, attr, _ in owners.get(id(m), []):
         if _reads_weight(parent, attr): return f'owner {type(parent).__name__} reads .{attr}.weight directly'
     if not torch.isfinite(w.sum()) and not torch.isfinite(w).all(): return 'weight has NaN/Inf'   # a finite sum: all finite
     return None
 
 # %% ../../nbs/04_core.ipynb #c008
+def allow_autograd(f):
+    "Run `f` with inference mode off: calibration needs autograd, and blocks made under `torch.inference_mode` could not be trained."
+    @functools.wraps(f)
+    def _f(*args, **kwargs):
+        with torch.inference_mode(False): return f(*args, **kwargs)
+    return _f
+
+def check_model(model):
+    "Raise a TypeError unless `model` is an eager `nn.Module` whose layers can be swapped."
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f'model is a TorchScript module ({type(model).__name__}): its layers cannot be replaced; '
+                        'decompose the eager model, then script or trace the result')
+    if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+
 def check_names(model: nn.Module, names, arg: str):
     "`names` (a str or a list of str) as a list; raise a ValueError naming `arg` for names not in `model`."
     if names is None: return None
@@ -136,14 +154,18 @@ class Decomposer:
         layers, exclude = check_names(model, layers, 'layers'), check_names(model, exclude, 'exclude')
         aliases = defaultdict(list)                                  # a module registered twice has two names
         for n, m in model.named_modules(remove_duplicate=False): aliases[id(m)].append(n)
-        out, blocks = [], []
+        out, blocks, inside = [], [], []
         for name, m in model.named_modules():
-            if any(name.startswith(b + '.') for b, _ in blocks if b) or any(b == '' for b, _ in blocks): continue
+            if any(name.startswith(b + '.') or b == '' for b in inside): continue    # the layers of a block are never candidates
             names = aliases[id(m)]
+            if isinstance(m, LowRankBlock):
+                inside.append(name)
+                named_inside = layers is not None and any(_under(l, names) for l in layers)   # `layers=` naming a block's own layer
+                if layers is not None and not named_inside and not any(_under(n, layers) for n in names): continue
+                if exclude is not None and any(_under(n, exclude) for n in names): continue
+                blocks.append((name, m)); continue
             if layers is not None and not any(_under(n, layers) for n in names): continue
             if exclude is not None and any(_under(n, exclude) for n in names): continue
-            if isinstance(m, LowRankBlock):
-                blocks.append((name, m)); continue
             if isinstance(m, self.kinds): out.append((name, m))
         return out, [(n, b) for n, b in blocks if isinstance(b, self.block_type)]
 
@@ -151,7 +173,7 @@ class Decomposer:
         """Decompose `model` with `plan_layer(name, module, in_shape) -> (block | None, row)`; returns the new model.
         Work happens on a copy; each block is swapped into the copy as soon as it is made (so `after_layer`
         hooks see the partly decomposed model), and only a complete, checked result reaches an in-place caller."""
-        if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+        check_model(model)
         if not isinstance(inplace, bool): raise TypeError(f'inplace must be True or False, got {inplace!r}')
         work = safe_deepcopy(model)
         cands, done = self.candidates(work, layers, exclude)
@@ -212,3 +234,59 @@ class Decomposer:
         mb, ma = r.macs_before.dropna(), r.macs_after.dropna()
         if len(mb) and len(ma): s += f'; candidate MACs {int(mb.sum()):,} → {int(ma.sum()):,}'
         return s
+
+# %% ../../nbs/04_core.ipynb #c015
+def is_hf_conv1d(m: nn.Module) -> bool:
+    "Is `m` a `transformers` `Conv1D` (a Linear with a transposed nx×nf weight), with its own forward?"
+    t = type(m)
+    base = next((c for c in t.__mro__ if c.__name__ == 'Conv1D' and c.__module__.startswith('transformers')), None)
+    return (base is not None and t.forward is base.forward and isinstance(getattr(m, 'weight', None), nn.Parameter)
+            and m.weight.dim() == 2)
+
+def conv1d_as_linear(model: nn.Module):
+    "A copy of `model` with each `Conv1D` replaced by the equivalent `nn.Linear`, and the names converted; `(model, [])` if none."
+    if not any(is_hf_conv1d(m) for m in model.modules()): return model, []
+    work = safe_deepcopy(model)
+    owners, names, done = find_owners(work), [], {}
+    for name, m in list(work.named_modules()):
+        if not is_hf_conv1d(m) or id(m) in done: continue
+        w = m.weight
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device='meta').to_empty(device=w.device).to(w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.T); lin.weight.requires_grad_(w.requires_grad)
+            if m.bias is not None: lin.bias.copy_(m.bias); lin.bias.requires_grad_(m.bias.requires_grad)
+        lin.train(m.training)
+        done[id(m)] = lin
+        Decomposer()._swap(work, [(m, lin)], owners)
+        names.append(name)
+    return work, names
+
+def with_conv1d(report_of):
+    """Decorate an entry point `f(..., model, ..., inplace, ...)` so that it also decomposes `Conv1D` layers (see
+    `conv1d_as_linear`); `report_of(arguments, f)` gives a (get, set) pair for the report `f` writes."""
+    def deco(f):
+        sig = inspect.signature(f)
+        @functools.wraps(f)
+        def _f(*args, **kwargs):
+            a = sig.bind(*args, **kwargs); a.apply_defaults()
+            model, inplace = a.arguments.get('model'), a.arguments.get('inplace', False)
+            if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule) or is_hf_conv1d(model): return f(*args, **kwargs)
+            work, names = conv1d_as_linear(model)
+            if not names: return f(*args, **kwargs)
+            a.arguments['model'], a.arguments['inplace'] = work, False
+            out = f(*a.args, **a.kwargs)
+            get, put = report_of(a.arguments, f)
+            rep = get().copy()
+            done = set(rep.name[rep.status == 'decomposed'])
+            orig, memo = dict(model.named_modules(remove_duplicate=False)), {}
+            owners = find_owners(out)
+            for n in names:
+                if n in done:
+                    blk = out.get_submodule(n); blk.nf, blk.nx = orig[n].nf, orig[n].nx
+                else: Decomposer()._swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners)
+            rep.loc[rep.name.isin(names), 'type'] = 'Conv1D'
+            put(rep)
+            if inplace and done: return Decomposer()._swap(model, [(orig[n], out.get_submodule(n)) for n in done], find_owners(model))
+            return model if inplace else out
+        return _f
+    return deco

@@ -28,6 +28,8 @@ class FC_Decomposer(Decomposer):
     "Decompose the `nn.Linear` layers of a model by truncated SVD."
     kinds, block_type, label = (nn.Linear,), LowRankLinear, 'FC_Decomposer'
 
+    @allow_autograd
+    @with_conv1d(lambda a, f: (lambda: a['self'].report, lambda r: setattr(a['self'], 'report', r)))
     def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
@@ -37,7 +39,7 @@ class FC_Decomposer(Decomposer):
         `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With `data`,
         `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how much the
         model's output reads them; `decompose` turns it on by default."""
-        if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+        check_model(model)
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
