@@ -7,7 +7,7 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 # %% auto #0
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
            'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs',
-           'decompose', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report']
+           'decompose', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -23,4 +23,4 @@ from .report import plot_report
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',
-         'DecomposeCallback', 'NuclearNormCallback', 'plot_report']
+         'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed']

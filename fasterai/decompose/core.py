@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy, difflib, functools, inspect, math, re, time
 from contextlib import contextmanager
 from collections import defaultdict
+from collections.abc import Mapping
 import torch
 import pandas as pd
 from torch import nn
@@ -17,7 +18,8 @@ from .blocks import *
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'allow_autograd', 'check_model', 'check_names',
-           'safe_deepcopy', 'eval_mode', 'input_sizes', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d']
+           'safe_deepcopy', 'eval_mode', 'input_sizes', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d',
+           'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -290,3 +292,52 @@ def with_conv1d(report_of):
             return model if inplace else out
         return _f
     return deco
+
+# %% ../../nbs/04_core.ipynb #c019
+def _block_guesses(m, sub: dict):
+    "Block skeletons (on 'meta') that `m` could have become, given the saved shapes `sub` (suffix → shape) under its name."
+    first = sub.get('0.weight')
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
+        lin = m if isinstance(m, nn.Linear) else nn.Linear(*m.weight.shape, bias=m.bias is not None, device='meta')
+        return [linear_layers(lin, first[0], device='meta', compact='1.order' in sub)]
+    g, n, out = m.groups, len(m.kernel_size), []
+    k = tuple(m.kernel_size)
+    core = next((s for key, s in sorted(sub.items()) if key.endswith('.weight') and tuple(s[2:]) == k), None)
+    tries = [('svd', (first[0] // g,)), ('spatial', (first[0] // g,)), ('cp', (first[0],))]
+    if core is not None: tries.append(('tucker', (core[0] // g, core[1])))
+    for method, ranks in tries:
+        try: out.append(METHOD_LAYERS[method](m, *ranks, device='meta'))
+        except Exception: pass                                             # e.g. spatial on a 1-d conv
+    return out
+
+def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True, inplace: bool = False) -> nn.Module:
+    """`model` (the dense architecture a decomposed model came from) with the low-rank blocks that `state_dict` holds
+    rebuilt in place of their layers, and `state_dict` loaded. A copy unless `inplace`."""
+    check_model(model)
+    if not isinstance(state_dict, Mapping): raise TypeError(f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}')
+    work = model if inplace else safe_deepcopy(model)
+    owners, seen = find_owners(work), set()
+    for name, m in list(work.named_modules()):
+        if id(m) in seen or not (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(m)): continue
+        if f'{name}.weight' in state_dict or f'{name}.0.weight' not in state_dict: continue
+        seen.add(id(m))
+        p = f'{name}.'
+        sub = {k[len(p):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(p) and isinstance(v, torch.Tensor)}
+        sub = {k: s for k, s in sub.items() if k.split('.')[0].isdigit()}           # the block's layers, not the layer's own buffers
+        match = next((b for b in _block_guesses(m, sub)
+                      if {k: tuple(v.shape) for k, v in b.state_dict().items()} == sub), None)
+        if match is None:
+            raise ValueError(f'load_decomposed: the saved block at {name!r} ({sorted(sub.items())}) is not one this '
+                             f'{type(m).__name__} can become; was the state_dict saved from a decomposed copy of this model?')
+        w = m.weight
+        for a in LAYER_ATTRS:
+            if hasattr(m, a): setattr(match, a, getattr(m, a))
+        if is_hf_conv1d(m): match.nf, match.nx = m.nf, m.nx
+        for b, buf in m._buffers.items():
+            if buf is not None: match.register_buffer(b, buf.detach().clone(), persistent=b not in m._non_persistent_buffers_set)
+        match.source = name
+        match.to_empty(device=w.device).to(dtype=w.dtype).train(m.training)
+        for q in match.parameters(): q.requires_grad_(w.requires_grad)
+        work = Decomposer()._swap(work, [(m, match)], owners)
+    work.load_state_dict(state_dict, strict=strict)
+    return work
