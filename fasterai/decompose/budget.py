@@ -78,7 +78,29 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
         if res[1] <= target: hi, best = mid, res
         else: lo = mid
         if abs(best[1] - target) <= tol * total or hi / lo < 1 + 1e-9: break
-    return best[0], best[1], total
+    ranks, cost = _fill(plans, dict(best[0]), best[1], target, tol * total)
+    return ranks, cost, total
+
+def _fill(plans, ranks, cost, target, tol, max_steps=500):
+    """Spend what one threshold leaves under `target` (its steps can be coarse on a small model): add one rank at a time
+    to the decomposed layer slot with the most energy per unit of cost that still fits, until within `tol` or nothing fits."""
+    by = {p.name: p for p in plans}
+    for _ in range(max_steps):
+        if target - cost <= tol: break
+        best = None
+        for name, r in ranks.items():
+            if r is None: continue
+            p, now = by[name], by[name].cost(r)
+            for i, (ri, f) in enumerate(zip(r, p.full)):
+                if ri >= f or ri >= len(p.energy[i]): continue
+                nr = tuple(x + (j == i) for j, x in enumerate(r))
+                dc = p.cost(nr) - now
+                if 0 < dc <= target - cost and p.cost(nr) < p.dense:
+                    v = float(p.energy[i][ri]) / dc
+                    if best is None or v > best[0]: best = (v, name, nr, dc)
+        if best is None: break
+        ranks[best[1]], cost = best[2], cost + best[3]
+    return ranks, cost
 
 # %% ../../nbs/07_budget.ipynb #c008
 def dense_macs(m, in_shape):
@@ -255,6 +277,9 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
                       f'{cost / total_all:.1%} (the {len(plans)} eligible layer(s) hold {1 - fixed / total_all:.1%} of the {budget_on}, '
                       f'and a rank-1 block still costs something). '
                       f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
+    elif cost < budget * total_all - 0.01 * total_all:
+        warnings.warn(f'budget={budget} of the {budget_on}: the closest allocation found keeps {cost / total_all:.1%}; one more rank '
+                      f'in any layer would go over the target (few, large layers make coarse steps)')
     chosen = {n: r for n, r in ranks.items() if r is not None}
     out, reports = model, []                  # both passes work on a copy; an in-place caller gets the blocks only at the end
     conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
