@@ -223,3 +223,25 @@ def test_gpt2_layers_left_alone_keep_their_type_and_inplace_works():
     res = decompose(g, 0.6, data=data, inplace=True, verbose=False)
     assert res is g and isinstance(g.h[1].mlp.c_proj, LowRankLinear)
     assert decompose.report.output_error.notna().all() and rel(g(ids).last_hidden_state, ref) < 0.5
+
+
+def test_plot_report_reads_gpt2_conv1d_rows():
+    import matplotlib; matplotlib.use('Agg')
+    g = tiny_gpt2()
+    decompose(g, 0.7, data=[{'input_ids': torch.randint(0, 100, (2, 16))}], verbose=False)
+    fig = plot_report(decompose.report, g)
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) >= 2                # spectra drawn for the Conv1D rows
+
+
+def test_budget_only_picks_blocks_the_decomposer_takes():
+    "A strided conv's Tucker block can have fewer params but more MACs: the decomposer refuses it, so the budget must not count on it."
+    m = nn.Sequential(nn.Conv2d(64, 16, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = decompose(m, budget=0.6, method='tucker', input_shape=(1, 64, 32, 32), verbose=False)
+    r = decompose.report
+    kept = n_params(out) / n_params(m)
+    planned = (r.params_after.sum() + (n_params(m) - r.params_before.sum())) / n_params(m)
+    assert kept < 0.6 + 0.01 and abs(kept - planned) < 1e-9                 # what was planned is what was made
+    assert not r.reason.fillna('').str.contains('would not reduce').any()
+    assert r.method.map(lambda v: v is None).sum() == 0                      # missing values are NaN, not None

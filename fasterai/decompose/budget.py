@@ -36,11 +36,23 @@ class LayerPlan:
         "Use absolute energies × `w` (the layer's output sensitivity) instead of energy shares."
         self.energy = [s.pow(2) * w for s in self.spectra]
 
+    def block(self, ranks):
+        "The block skeleton (on 'meta') at `ranks`."
+        if isinstance(self.layer, nn.Linear): return linear_layers(self.layer, *ranks, device='meta', compact=self.compact)
+        return METHOD_LAYERS[self.method](self.layer, *ranks, device='meta')
+
+    def shrinks(self, ranks) -> bool:
+        "Would the decomposer take the block at `ranks`? Fewer params, and for a conv also fewer MACs (its rule, whatever the budget counts)."
+        b = self.block(ranks)
+        if n_params(b) >= n_params(self.layer): return False
+        if isinstance(self.layer, nn.Linear): return True
+        size = tuple(self.in_shape[2:]) if self.in_shape else _nominal_size(self.layer)
+        return block_macs(b, size) < layer_macs(self.layer, size)
+
     def cost(self, ranks):
         "Params or MACs of the layer (`ranks=None`) or of its block at `ranks`."
         lin = isinstance(self.layer, nn.Linear)
-        if ranks is None: m = self.layer
-        else: m = linear_layers(self.layer, *ranks, device='meta', compact=self.compact) if lin else METHOD_LAYERS[self.method](self.layer, *ranks, device='meta')
+        m = self.layer if ranks is None else self.block(ranks)
         if self.on == 'params': return n_params(m)
         if lin: return (m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)) * linear_positions(self.in_shape)   # bias-free MACs
         size = tuple(self.in_shape[2:]) if self.in_shape else _nominal_size(self.layer)
@@ -66,7 +78,7 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
         for p in plans:
             r = p.ranks_at(lam, units[p.name], total)
             c = p.cost(r)
-            if c < p.dense: out[p.name], cost = r, cost + c
+            if c < p.dense and p.shrinks(r): out[p.name], cost = r, cost + c
             else: out[p.name], cost = None, cost + p.dense
         return out, cost
     lo, hi = 1e-15, 1.0
@@ -95,7 +107,7 @@ def _fill(plans, ranks, cost, target, tol, max_steps=500):
                 if ri >= f or ri >= len(p.energy[i]): continue
                 nr = tuple(x + (j == i) for j, x in enumerate(r))
                 dc = p.cost(nr) - now
-                if 0 < dc <= target - cost and p.cost(nr) < p.dense:
+                if 0 < dc <= target - cost and p.shrinks(nr):
                     v = float(p.energy[i][ri]) / dc
                     if best is None or v > best[0]: best = (v, name, nr, dc)
         if best is None: break
@@ -186,13 +198,14 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
         return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb, macs_before=mb, macs_after=mb,
                     status='skipped', reason=reason)
     extra = [row(n, m, why) for n, m, why in skipped]
-    extra += [row(p.name, p.layer, 'kept dense: the budget was met at lower error by cutting other layers', p.method) for p in plans if p.name not in chosen]
+    extra += [row(p.name, p.layer, 'kept dense by the budget allocation (other layers were cheaper to cut)', p.method) for p in plans if p.name not in chosen]
     for dec, on in zip((Conv_Decomposer(), FC_Decomposer()), which):
         if on: extra += [dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks, params_before=n_params(b), params_after=n_params(b),
                               status='skipped', reason='already decomposed') for n, b in dec.candidates(model, layers, exclude)[1]]
     frames = [r for r in reports if len(r)] + ([pd.DataFrame(extra, columns=REPORT_COLUMNS)] if extra else [])
     if not frames: return pd.DataFrame(columns=REPORT_COLUMNS)
-    rep = pd.concat(frames, ignore_index=True).astype({'reason': object, 'status': object})
+    rep = pd.concat(frames, ignore_index=True).astype({'reason': object, 'status': object, 'method': object})
+    rep['method'] = rep.method.where(rep.method.notna(), float('nan'))    # one missing-value marker, also when no frame had one
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
     rep = rep.drop_duplicates('name').sort_values('name', key=lambda c: c.map(lambda n: order.get(n, len(order))), kind='stable')
     return rep.reset_index(drop=True)

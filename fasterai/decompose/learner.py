@@ -16,6 +16,8 @@ from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
+from fastai.callback.tracker import TrackerCallback
+import numpy as np
 from .core import check_names
 from .blocks import LowRankBlock, n_params
 from .conv import Conv_Decomposer, CONV_KINDS
@@ -138,8 +140,12 @@ class DecomposeCallback(Callback):
         hypers = [dict(h) for h in self.opt.hypers]
         self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
         copy_hypers(self.learn.opt, hypers)
+        for cb in self.learn.cbs:                          # a best-so-far from the dense epochs belongs to another model:
+            if isinstance(cb, TrackerCallback):            # `SaveModelCallback` would load a dense checkpoint into the blocks
+                cb.best = float('inf') if cb.comp == np.less else -float('inf')
+                if hasattr(cb, 'wait'): cb.wait = 0
 
-# %% ../../nbs/08_learner.ipynb #c041
+# %% ../../nbs/08_learner.ipynb #c043
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers`
     to the training loss. Layers inside an already-decomposed block are left alone: the penalty prepares layers for
@@ -169,7 +175,7 @@ class NuclearNormCallback(Callback):
 
     def after_loss(self):
         mods = self.modules()
-        if not mods: return
+        if not mods: self.penalty = None; return                # nothing left to penalize (e.g. all decomposed)
         pen = sum(self.norm(m.weight) for m in mods)
         self.learn.loss_grad = self.learn.loss_grad + self.weight * pen
         self.penalty = pen.detach()

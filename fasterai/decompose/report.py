@@ -13,6 +13,7 @@ from torch import nn
 from .conv import mode_matrices, spectrum
 from .factorize import work_dtype
 from .budget import whitened_spectra
+from .core import conv1d_as_linear
 
 # %% auto #0
 __all__ = ['plot_report']
@@ -31,6 +32,7 @@ def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectr
     dec = r[r.status == 'decomposed']
     spectra = []
     if model is not None:
+        model = conv1d_as_linear(model)[0]                                # GPT-2's Conv1D: read as the Linear it is
         mods = dict(model.named_modules())
         rows = [row for _, row in dec.head(max_spectra).iterrows() if hasattr(mods.get(row['name']), 'weight')]
         # the ranks of svd/tucker convs and Linears are read from the output-side whitened spectrum (`whitened_spectra`)
