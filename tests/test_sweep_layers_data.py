@@ -189,6 +189,18 @@ def test_bad_output_grams_are_named():
         FC_Decomposer().decompose(m, 0.5, data=X, output_grams={'typo': torch.eye(64)}, verbose=False)
 
 
+def test_export_and_load_a_decomposed_digits_learner(tmp_path):
+    from fastai.learner import Learner, load_learner
+    from fasterai.data.digits import digits_dls, digits_cnn
+    import fasterai.decompose.learner                                     # Learner.decompose
+    learn = Learner(digits_dls(), digits_cnn(width=8, hidden=32), loss_func=nn.CrossEntropyLoss(), path=tmp_path)
+    learn.decompose(percent_removed=0.5, verbose=False, progress=False)
+    learn.export('m.pkl')                                                  # needed DataLoaders whose datasets can be emptied
+    back = load_learner(tmp_path / 'm.pkl')
+    x = learn.dls.valid.one_batch()[0]
+    assert isinstance(back.model[4], LowRankConv) and torch.allclose(back.model.eval()(x), learn.model.eval()(x))
+
+
 # ---------- GPT-2's Conv1D (a Linear with a transposed weight)
 
 transformers = pytest.importorskip('transformers')

@@ -30,15 +30,19 @@ def digits_arrays(size: int = 32, seed: int = 0, valid_pct: float = 0.2):
     return (xt - mean) / std, y[itr], (xv - mean) / std, y[iva]
 
 # %% ../../nbs/11_digits.ipynb #c010
+class _Items(list):
+    "A list of (image, label) items that `Learner.export` can empty (it keeps the DataLoaders' setup, not the data)."
+    def new_empty(self): return type(self)()
+
 def digits_dls(size: int = 32, bs: int = 64, seed: int = 0, device=None):
     "fastai `DataLoaders` over `digits_arrays(size, seed)`: shuffled training batches of `bs`, validation batches of 2·`bs`."
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.torch_core import default_device
     xt, yt, xv, yv = digits_arrays(size, seed)
-    train = DataLoader(list(zip(xt, yt)), bs=bs, shuffle=True, drop_last=True)
+    train = DataLoader(_Items(zip(xt, yt)), bs=bs, shuffle=True, drop_last=True)
     train.rng = random.Random(seed)
-    valid = DataLoader(list(zip(xv, yv)), bs=2 * bs)
+    valid = DataLoader(_Items(zip(xv, yv)), bs=2 * bs)
     return DataLoaders(train, valid, device=default_device() if device is None else device)
 
 # %% ../../nbs/11_digits.ipynb #c015

@@ -7,7 +7,8 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 # %% auto #0
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
            'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs',
-           'decompose', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed']
+           'decompose', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
+           'output_grams', 'collect_stats', 'whitened_lowrank']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -20,7 +21,9 @@ from .budget import decompose
 from .learner import *
 from ..misc.bn_folding import BN_Folder
 from .report import plot_report
+from .calibrate import output_grams, collect_stats, whitened_lowrank
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',
-         'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed']
+         'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
+         'output_grams', 'collect_stats', 'whitened_lowrank']
