@@ -14,8 +14,8 @@ from .factorize import *
 
 # %% auto #0
 __all__ = ['CONV_TYPES', 'LAYER_ATTRS', 'METHOD_LAYERS', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'torch_base',
-           'conv_like', 'tucker_layers', 'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block', 'svd_block',
-           'spatial_block', 'cp_block', 'linear_block', 'linear_layers', 'compact_linear', 'CompactLinear',
+           'conv_like', 'adopt', 'tucker_layers', 'svd_layers', 'spatial_layers', 'cp_layers', 'tucker_block',
+           'svd_block', 'spatial_block', 'cp_block', 'linear_block', 'linear_layers', 'compact_linear', 'CompactLinear',
            'compact_factors', 'compact_linear_block', 'conv_out_size', 'layer_macs', 'block_macs', 'n_params']
 
 # %% ../../nbs/02_blocks.ipynb #c005
@@ -61,30 +61,36 @@ def conv_like(conv, in_ch, out_ch, kernel_size=1, spatial_dims=None, groups=1, b
 
 # %% ../../nbs/02_blocks.ipynb #c007
 LAYER_ATTRS = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
-               'groups', 'padding_mode', 'output_padding')
+               'groups', 'padding_mode', 'output_padding', 'nf', 'nx')   # nf, nx: transformers' Conv1D
 
-def _finish(block, layer, weights, bias, source=''):
-    """Load `weights` into the block's layers, the original bias into the last one, and copy dtype/device/grad/mode.
-    The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing is randomly
-    initialized only to be overwritten (for a 25088→2048 Linear that init costs more than half a second)."""
+def adopt(block, layer, source=''):
+    """Give the block skeleton `block` its `layer`'s place: the attributes code reads (`in_features`, ...), storage on the
+    layer's device and dtype (values not set), each tensor's `requires_grad` (factors follow the weight, the bias keeps its
+    own flag), the layer's own buffers (a user's mask or scale) and its train/eval mode."""
     w = layer.weight
     block.source = source
     for a in LAYER_ATTRS:                                     # code that reads e.g. `model.fc.in_features` keeps working
         if hasattr(layer, a): setattr(block, a, getattr(layer, a))
+    block.to_empty(device=w.device).to(dtype=w.dtype)        # cast first: float64 factors stay float64
+    for p in block.parameters(): p.requires_grad_(w.requires_grad)
+    if isinstance(getattr(layer, 'bias', None), torch.Tensor) and block[-1].bias is not None:
+        block[-1].bias.requires_grad_(layer.bias.requires_grad)
+    for name, buf in layer._buffers.items():                 # after `to_empty`, which would drop their values
+        if buf is not None: block.register_buffer(name, buf.detach().clone(), persistent=name not in layer._non_persistent_buffers_set)
+    return block.train(layer.training)
+
+def _finish(block, layer, weights, bias, source=''):
+    """Load `weights` into the block's layers, the original bias into the last one, after `adopt`.
+    The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing is randomly
+    initialized only to be overwritten (for a 25088→2048 Linear that init costs more than half a second)."""
     if len(weights) != len(block) or any(m.bias is not None for m in list(block)[:-1]) or (block[-1].bias is None) != (bias is None):
         raise ValueError('every parameter of the block must be given')
-    block.to_empty(device=w.device).to(dtype=w.dtype)        # cast first: float64 factors stay float64
+    adopt(block, layer, source)
     with torch.no_grad():
         for m, wt in zip(block, weights): m.weight.copy_(wt.reshape(m.weight.shape))
         if bias is not None: block[-1].bias.copy_(bias)
-    for p in block.parameters():
-        p.data = p.data.contiguous()
-        p.requires_grad_(w.requires_grad)                    # factors of a frozen weight stay frozen,
-    if isinstance(getattr(layer, 'bias', None), torch.Tensor) and block[-1].bias is not None:
-        block[-1].bias.requires_grad_(layer.bias.requires_grad)  # and the bias keeps its own flag
-    for name, buf in layer._buffers.items():                 # the layer's own buffers (a user's mask, a scale) stay with it
-        if buf is not None: block.register_buffer(name, buf.detach().clone(), persistent=name not in layer._non_persistent_buffers_set)
-    return block.train(layer.training)
+    for p in block.parameters(): p.data = p.data.contiguous()
+    return block
 
 # %% ../../nbs/02_blocks.ipynb #c009
 def tucker_layers(conv, r_out, r_in, device=None):

@@ -15,7 +15,7 @@ from .ranks import *
 from .blocks import *
 from .core import *
 from .conv import *
-from .conv import sample_runner, _nominal_size, check_input_shape
+from .conv import _nominal_size, check_input_shape, check_runs
 from .fc import *
 from .fc import linear_positions
 from .calibrate import *
@@ -28,7 +28,7 @@ class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
     def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False):
         self.name, self.layer, self.method, self.spectra, self.full, self.in_shape, self.on = name, layer, method, spectra, full, in_shape, on
-        self.compact = compact
+        self.compact, self._blocks = compact, {}
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
         self.dense = self.cost(None)
 
@@ -37,9 +37,11 @@ class LayerPlan:
         self.energy = [s.pow(2) * w for s in self.spectra]
 
     def block(self, ranks):
-        "The block skeleton (on 'meta') at `ranks`."
-        if isinstance(self.layer, nn.Linear): return linear_layers(self.layer, *ranks, device='meta', compact=self.compact)
-        return METHOD_LAYERS[self.method](self.layer, *ranks, device='meta')
+        "The block skeleton (on 'meta') at `ranks`; kept, since the allocation asks for the cost and the rule of the same ranks."
+        if ranks not in self._blocks:
+            self._blocks[ranks] = (linear_layers(self.layer, *ranks, device='meta', compact=self.compact) if isinstance(self.layer, nn.Linear)
+                                   else METHOD_LAYERS[self.method](self.layer, *ranks, device='meta'))
+        return self._blocks[ranks]
 
     def shrinks(self, ranks) -> bool:
         "Would the decomposer take the block at `ranks`? Fewer params, and for a conv also fewer MACs (its rule, whatever the budget counts)."
@@ -237,16 +239,11 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     nb = kwargs.get('n_batches', 8)
     if kwargs.get('data') is not None and not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1):
         raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
-    run = sample_runner(model, input_shape)
     cands = {}
     for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
         cands.update(dec.candidates(model, layers, exclude)[0])
     data = kwargs.get('data')
-    if data is not None and run is None: run = sample_runner(model, None, data)
-    try: shapes = input_sizes(model, cands, lambda: run(model)) if run else {}
-    except Exception as e:
-        what = f'input_shape={tuple(input_shape)} (zeros of the model\'s dtype)' if input_shape is not None else 'the first batch of data'
-        raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e
+    shapes = check_runs(model, data if input_shape is None else None, input_shape, cands)   # input_shape first: it is what MACs count
     auto = sensitivity is None
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')

@@ -245,20 +245,22 @@ def is_hf_conv1d(m: nn.Module) -> bool:
     return (base is not None and t.forward is base.forward and isinstance(getattr(m, 'weight', None), nn.Parameter)
             and m.weight.dim() == 2)
 
+def _linear_of(c, device=None):
+    "An empty `nn.Linear` with the shape of the `Conv1D` `c` (whose weight is stored nx × nf)."
+    return nn.Linear(*c.weight.shape, bias=c.bias is not None, device=device)
+
 def conv1d_as_linear(model: nn.Module):
     "A copy of `model` with each `Conv1D` replaced by the equivalent `nn.Linear`, and the names converted; `(model, [])` if none."
     if not any(is_hf_conv1d(m) for m in model.modules()): return model, []
     work = safe_deepcopy(model)
-    owners, names, done = find_owners(work), [], {}
-    for name, m in list(work.named_modules()):
-        if not is_hf_conv1d(m) or id(m) in done: continue
+    owners, names = find_owners(work), []
+    for name, m in list(work.named_modules()):                       # each module once, under its first name
+        if not is_hf_conv1d(m): continue
         w = m.weight
-        lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device='meta').to_empty(device=w.device).to(w.dtype)
+        lin = _linear_of(m, 'meta').to_empty(device=w.device).to(w.dtype).requires_grad_(w.requires_grad).train(m.training)
         with torch.no_grad():
-            lin.weight.copy_(w.T); lin.weight.requires_grad_(w.requires_grad)
+            lin.weight.copy_(w.T)
             if m.bias is not None: lin.bias.copy_(m.bias); lin.bias.requires_grad_(m.bias.requires_grad)
-        lin.train(m.training)
-        done[id(m)] = lin
         Decomposer()._swap(work, [(m, lin)], owners)
         names.append(name)
     return work, names
@@ -284,7 +286,7 @@ def with_conv1d(report_of):
             owners = find_owners(out)
             for n in names:
                 if n in done:
-                    blk = out.get_submodule(n); blk.nf, blk.nx = orig[n].nf, orig[n].nx
+                    blk = out.get_submodule(n); blk.nf, blk.nx = orig[n].nf, orig[n].nx      # it was made from the stand-in Linear
                 else: Decomposer()._swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners)
             rep.loc[rep.name.isin(names), 'type'] = 'Conv1D'
             put(rep)
@@ -298,9 +300,9 @@ def _block_guesses(m, sub: dict):
     "Block skeletons (on 'meta') that `m` could have become, given the saved shapes `sub` (suffix → shape) under its name."
     first = sub.get('0.weight')
     if isinstance(m, nn.Linear) or is_hf_conv1d(m):
-        lin = m if isinstance(m, nn.Linear) else nn.Linear(*m.weight.shape, bias=m.bias is not None, device='meta')
+        lin = m if isinstance(m, nn.Linear) else _linear_of(m, device='meta')
         return [linear_layers(lin, first[0], device='meta', compact='1.order' in sub)]
-    g, n, out = m.groups, len(m.kernel_size), []
+    g, out = m.groups, []
     k = tuple(m.kernel_size)
     core = next((s for key, s in sorted(sub.items()) if key.endswith('.weight') and tuple(s[2:]) == k), None)
     tries = [('svd', (first[0] // g,)), ('spatial', (first[0] // g,)), ('cp', (first[0],))]
@@ -329,15 +331,6 @@ def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True, inp
         if match is None:
             raise ValueError(f'load_decomposed: the saved block at {name!r} ({sorted(sub.items())}) is not one this '
                              f'{type(m).__name__} can become; was the state_dict saved from a decomposed copy of this model?')
-        w = m.weight
-        for a in LAYER_ATTRS:
-            if hasattr(m, a): setattr(match, a, getattr(m, a))
-        if is_hf_conv1d(m): match.nf, match.nx = m.nf, m.nx
-        for b, buf in m._buffers.items():
-            if buf is not None: match.register_buffer(b, buf.detach().clone(), persistent=b not in m._non_persistent_buffers_set)
-        match.source = name
-        match.to_empty(device=w.device).to(dtype=w.dtype).train(m.training)
-        for q in match.parameters(): q.requires_grad_(w.requires_grad)
-        work = Decomposer()._swap(work, [(m, match)], owners)
+        work = Decomposer()._swap(work, [(m, adopt(match, m, name))], owners)
     work.load_state_dict(state_dict, strict=strict)
     return work
