@@ -254,10 +254,12 @@ class Conv_Decomposer(Decomposer):
                   *, ranks: dict | None = None, rank: str | None = None, calibration: float = 0.0,
                   allow_growth: bool = False, inplace: bool = False, input_shape=None, cp_iter: int = 50,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  output_grams=None, verbose: bool = True) -> nn.Module:
+                  output_grams=None, min_speedup: float | None = None, verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`.
         With `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output channels by how
-        much the model's output reads them; `decompose` turns it on by default."""
+        much the model's output reads them; `decompose` turns it on by default.
+        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times faster
+        than its layer at the layer's input shape (timed here; see `time_pair`)."""
         check_model(model)
         if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
@@ -269,6 +271,7 @@ class Conv_Decomposer(Decomposer):
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
+        check_min_speedup(min_speedup, input_shape, data)
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
         root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
 
@@ -312,4 +315,5 @@ class Conv_Decomposer(Decomposer):
             row['weight_error'] = float((Wf - Wh).norm() / Wf.norm().clamp_min(1e-30))
             return BUILDERS[method](conv, *facs), row
 
-        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
+        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose,
+                        min_speedup=min_speedup)

@@ -18,8 +18,8 @@ from .blocks import *
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'allow_autograd', 'check_model', 'check_names',
-           'safe_deepcopy', 'eval_mode', 'input_sizes', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d',
-           'load_decomposed']
+           'safe_deepcopy', 'eval_mode', 'input_sizes', 'layer_input', 'time_pair', 'slower_reason',
+           'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d', 'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -133,9 +133,46 @@ def input_sizes(model: nn.Module, layers: dict, run):
         for h in hooks: h.remove()
     return shapes
 
+# %% ../../nbs/04_core.ipynb #c0lat1
+def layer_input(m: nn.Module, shape) -> torch.Tensor:
+    "A random input of `shape` on `m`'s device, in its weight's dtype (timing does not depend on the values)."
+    w = m.weight
+    g = torch.Generator(device=w.device).manual_seed(0)
+    return torch.randn(tuple(shape), generator=g, device=w.device, dtype=w.dtype)
+
+def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 50):
+    """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns (a b, then b a) under `torch.inference_mode` after a
+    warm-up, until each has run `min_time` seconds in all (at least `min_rounds`, at most `max_rounds` rounds). The
+    minimum, not the median: other work on the machine only ever adds time, and it comes in bursts that a median of a
+    few rounds does not filter."""
+    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
+    ts = ([], [])
+    def once(i, m):
+        sync(); t = time.perf_counter(); m(x); sync(); ts[i].append(time.perf_counter() - t)
+    with torch.inference_mode():
+        for _ in range(2): a(x); b(x)
+        n = 0
+        while n < max_rounds and (n < min_rounds or min(sum(ts[0]), sum(ts[1])) < min_time):
+            for i in ((0, 1) if n % 2 == 0 else (1, 0)): once(i, (a, b)[i])
+            n += 1
+    return tuple(1000 * min(t) for t in ts)
+
+def slower_reason(ms_layer: float, ms_block: float, min_speedup: float) -> str | None:
+    "Why a block timed at `ms_block` must not replace a layer timed at `ms_layer`, or None."
+    if ms_layer >= min_speedup * ms_block: return None
+    return (f'block not faster: {ms_block:.3g} ms against {ms_layer:.3g} ms dense at this input '
+            f'({ms_layer / ms_block:.2f}× < min_speedup={min_speedup})')
+
+def check_min_speedup(min_speedup, input_shape=None, data=None):
+    "Raise unless `min_speedup` is None, or a positive number with an input to time layers on (`input_shape` or `data`)."
+    if min_speedup is None: return
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not 0 < min_speedup < math.inf:
+        raise ValueError(f'min_speedup must be None or a positive number (e.g. 1.0), got {min_speedup!r}')
+    if input_shape is None and data is None: raise ValueError('min_speedup needs input_shape= or data=: each block is timed at the input shape its layer sees')
+
 # %% ../../nbs/04_core.ipynb #c013
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after',
-                  'weight_error', 'predicted_error', 'output_error', 'seconds', 'status', 'reason']
+                  'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before', 'ms_after', 'status', 'reason']
 
 class Decomposer:
     "Base class: walk, select, plan each layer, swap atomically, report."
@@ -171,10 +208,12 @@ class Decomposer:
             if isinstance(m, self.kinds): out.append((name, m))
         return out, [(n, b) for n, b in blocks if isinstance(b, self.block_type)]
 
-    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None, verbose=True, after_layer=None):
+    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None, verbose=True, after_layer=None,
+            min_speedup=None):
         """Decompose `model` with `plan_layer(name, module, in_shape) -> (block | None, row)`; returns the new model.
         Work happens on a copy; each block is swapped into the copy as soon as it is made (so `after_layer`
-        hooks see the partly decomposed model), and only a complete, checked result reaches an in-place caller."""
+        hooks see the partly decomposed model), and only a complete, checked result reaches an in-place caller.
+        With `min_speedup`, each block is timed against its layer at the layer's input shape (see `slower_reason`)."""
         check_model(model)
         if not isinstance(inplace, bool): raise TypeError(f'inplace must be True or False, got {inplace!r}')
         work = safe_deepcopy(model)
@@ -197,6 +236,10 @@ class Decomposer:
             if reason is None: block, extra = plan_layer(name, m, shapes.get(name), work); row.update(extra)
             else: row['reason'] = reason
             row['seconds'] = time.perf_counter() - t0
+            if block is not None and min_speedup is not None and shapes.get(name) is not None:
+                row['ms_before'], row['ms_after'] = time_pair(m, block, layer_input(m, shapes[name]))
+                slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
+                if slow: block, row['reason'] = None, slow
             row['status'] = 'decomposed' if block is not None else 'skipped'
             row['params_after'] = n_params(block) if block is not None else row['params_before']
             if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # left as it was (the reason says what a block would cost)
@@ -235,6 +278,8 @@ class Decomposer:
             s += f'; model params {tb:,} → {ta:,} ({ta / max(tb, 1):.1%})'
         mb, ma = r.macs_before.dropna(), r.macs_after.dropna()
         if len(mb) and len(ma): s += f'; candidate MACs {int(mb.sum()):,} → {int(ma.sum()):,}'
+        tb, ta = r.ms_before, r.ms_after.where(r.status == 'decomposed', r.ms_before)   # a layer left dense keeps its time
+        if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
 # %% ../../nbs/04_core.ipynb #c015

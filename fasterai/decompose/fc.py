@@ -34,16 +34,19 @@ class FC_Decomposer(Decomposer):
                   layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
                   calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
                   data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  output_grams=None, compact: bool = False, verbose: bool = True) -> nn.Module:
+                  output_grams=None, compact: bool = False, min_speedup: float | None = None, verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`.
         `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With `data`,
         `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how much the
-        model's output reads them; `decompose` turns it on by default."""
+        model's output reads them; `decompose` turns it on by default.
+        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times faster
+        than its layer at the layer's input shape (timed here; see `time_pair`)."""
         check_model(model)
         _check_common(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
         ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(ranks), {}
         check_shrinkage(shrinkage)
+        check_min_speedup(min_speedup, input_shape, data)
         if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
         stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
         root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
@@ -85,4 +88,5 @@ class FC_Decomposer(Decomposer):
                 row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
             return (compact_linear_block if compact else linear_block)(lin, A, B), row
 
-        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose)
+        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose,
+                        min_speedup=min_speedup)
