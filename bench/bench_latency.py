@@ -7,7 +7,8 @@ percent_removed=0.5 (tucker, svd, spatial on every eligible conv; cp on layer1+l
 per large layer; tucker on the same subset is measured too, for comparison). Dense and decomposed forward passes are
 timed alternately (ABBA order) under torch.inference_mode after a warm-up; the median of each is reported, and
 speedup = median dense / median decomposed. Params and MACs come from `decomposer.report` (input_shape=(1,3,224,224));
-whole-model MACs (every Conv and Linear, batch 1) from forward hooks. Writes bench/results/latency.json.
+whole-model MACs (every Conv and Linear, batch 1) from forward hooks. With --min-speedup X, every configuration runs
+again with min_speedup=X (each block timed against its layer at batch 1; slower ones left dense). Writes bench/results/latency.json.
 """
 from __future__ import annotations
 import argparse, copy, json, math, os, platform, statistics, subprocess, sys, time
@@ -29,6 +30,9 @@ def parse_args():
     p.add_argument('--no-spatial-075', action='store_true', help='skip the extra spatial run at percent_removed=0.75 '
                    '(at 0.5 a square k×k conv is left dense: the kh×1 + 1×kw pair would have as many params)')
     p.add_argument('--channels-last', action='store_true', help='also time every pair with the models and input in channels_last memory format')
+    p.add_argument('--min-speedup', type=float, default=None, help='also run every configuration with this min_speedup= (blocks not '
+                   'that much faster than their layer, timed at the layer input, stay dense)')
+    p.add_argument('--methods', nargs='+', default=['tucker', 'svd', 'spatial', 'cp'], help='the methods to run')
     p.add_argument('--profile', action='store_true', help='print a torch.profiler op table of each decomposed model at the largest batch')
     p.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'latency.json'))
     return p.parse_args()
@@ -116,6 +120,9 @@ def main():
                ('tucker', '+'.join(ARGS.cp_layers), dict(method='tucker', layers=ARGS.cp_layers))]
     if ARGS.subset_all:
         configs += [(m, '+'.join(ARGS.cp_layers), dict(method=m, layers=ARGS.cp_layers)) for m in ('svd', 'spatial')]
+    configs = [c for c in configs if c[0] in ARGS.methods]
+    if ARGS.min_speedup is not None:
+        configs = [v for c in configs for v in (c, (c[0], f'{c[1]}, min_speedup={ARGS.min_speedup}', {**c[2], 'min_speedup': ARGS.min_speedup}))]
     results, rows = [], []
     for method, scope, kw in configs:
         dec = Conv_Decomposer()

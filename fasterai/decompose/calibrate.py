@@ -542,50 +542,75 @@ def _grad_rows(m, g, mask):
     if g.dim() == len(m.kernel_size) + 1: g = g.unsqueeze(0)                # unbatched conv output (C, *spatial)
     return g.movedim(1, -1).reshape(-1, g.shape[1])                          # conv: channels are dim 1
 
+def _as_float32(v):
+    "Model inputs with their float16 tensors in float32 (integer ids, masks and other dtypes as they are)."
+    if isinstance(v, torch.Tensor): return v.float() if v.dtype == torch.float16 else v
+    if isinstance(v, Mapping): return {k: _as_float32(t) for k, t in v.items()}
+    if isinstance(v, (tuple, list)): return type(v)(_as_float32(t) for t in v)
+    return v
+
+def _float32_copy(model, modules):
+    "A float32 copy of `model` and the copies of `modules` (name → layer of `model`) in it."
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    missing = [k for k, m in modules.items() if id(m) not in names]
+    if missing: raise ValueError(f'output_grams: {missing[:3]} are not modules of the model')
+    work = copy.deepcopy(model).float()
+    inside = dict(work.named_modules(remove_duplicate=False))
+    return work, {k: inside[names[id(m)]] for k, m in modules.items()}
+
 def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 8, n_probes: int = 4, seed: int = 0,
                  max_dim: int = 2048) -> dict:
     """Per layer in `modules` (name → Linear or conv of `model`): G = E[J^T J] summed over a batch's positions and averaged over
     `n_probes` random projections on each of `n_batches` of `data`, J the Jacobian of the model's (first) output with respect
-    to the layer's output; a (d_out, d_out) float64 Gram, or its diagonal (d_out,) when d_out > `max_dim`. One forward and
-    `n_probes` backward passes per batch; padded tokens (a dict batch's `attention_mask`) are left out; `model` is left as it was."""
+    to the layer's output; a (d_out, d_out) float64 Gram, or its diagonal (d_out,) when d_out > `max_dim`. A layer called
+    several times per forward pass sums the Grams of its calls. One forward and `n_probes` backward passes per batch; padded
+    tokens (a dict batch's `attention_mask`) are left out; `model` is left as it was. A float16 model is probed through a
+    float32 copy (its small gradients would underflow to zero)."""
     if not (isinstance(n_probes, int) and not isinstance(n_probes, bool) and n_probes >= 1): raise ValueError(f'n_probes must be an int >= 1, got {n_probes!r}')
     width = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in modules.items()}
     acc = {n: torch.zeros((w, w) if w <= max_dim else (w,), dtype=torch.float64) for n, w in width.items()}
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    if half: model, modules = _float32_copy(model, modules)
     probes, hooks = {}, []
     def hook(name):
         def f(mod, args, out):
             z = torch.zeros_like(out, requires_grad=True)
-            probes[name] = z
+            probes.setdefault(name, []).append(z)                         # every call of a layer used twice
             return out + z
         return f
     modes, device = {m: m.training for m in model.modules()}, model_device(model)
-    gen, n = torch.Generator().manual_seed(seed), 0
+    gen, n, reached = torch.Generator().manual_seed(seed), 0, False
     try:
         for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
         model.eval()
         with torch.inference_mode(False), torch.enable_grad():
             for item in iter_batches(data, n_batches):
                 probes.clear()
+                if half: item = (item[0], _as_float32(item[1]))
                 out = _first_tensor(run_model(model, item, device))
                 if out is None: raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
                 if probes and not out.requires_grad:
                     raise TypeError('output weighting needs the model output to depend on its layers through autograd, but it does not '
                                     '(does forward run under torch.no_grad / inference_mode, or detach its output?)')
                 if not probes: continue
-                names, mask = list(probes), token_mask(item)                  # padded tokens' outputs are read by nothing
+                calls, mask = [(k, z) for k, zs in probes.items() for z in zs], token_mask(item)   # padded tokens' outputs are read by nothing
                 for p in range(n_probes):
                     v = torch.randn(out.shape, generator=gen).to(out)
                     if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
                         v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))
-                    grads = torch.autograd.grad((out * v).sum(), [probes[k] for k in names], allow_unused=True, retain_graph=p < n_probes - 1)
-                    for k, g in zip(names, grads):
+                    grads = torch.autograd.grad((out * v).sum(), [z for _, z in calls], allow_unused=True, retain_graph=p < n_probes - 1)
+                    for (k, _), g in zip(calls, grads):
                         if g is None: continue
+                        reached = True
                         R = _grad_rows(modules[k], g.detach(), mask).double().cpu()
                         acc[k] += R.T @ R if acc[k].dim() == 2 else R.pow(2).sum(0)
                     n += 1
     finally:
         for h in hooks: h.remove()
         for m, t in modes.items(): m.training = t
+    if n and not reached:
+        raise TypeError('output weighting got no gradient at any layer: the model output does not depend on its layers through '
+                        'ordinary autograd (a custom autograd.Function, such as reversible layers, recomputes them)')
     return {k: v / max(n, 1) for k, v in acc.items()}
 
 def gram_mean(G) -> float:

@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 from .blocks import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'skip_reason', 'allow_autograd', 'check_model', 'check_names',
-           'safe_deepcopy', 'eval_mode', 'input_sizes', 'layer_input', 'time_pair', 'slower_reason',
+__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
+           'check_names', 'safe_deepcopy', 'eval_mode', 'input_sizes', 'layer_input', 'time_pair', 'slower_reason',
            'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d', 'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
@@ -40,13 +40,29 @@ def shared_params(model: nn.Module):
             if p is not None: users[id(p)].add(id(m))
     return {k for k, v in users.items() if len(v) > 1}
 
-def _reads_weight(parent, attr):
-    "Does `parent`'s forward read `self.<attr>.weight` / `.bias` instead of calling the child?"
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls) -> str:
+    try: return inspect.getsource(cls.forward)
+    except (OSError, TypeError): return ''
+
+def _reads_weight(parent, path):
+    "Does `parent`'s forward read `self.<path>.weight` / `.bias` (`path` may be dotted) instead of calling the layer?"
     if isinstance(parent, nn.MultiheadAttention): return True
     if isinstance(parent, _CONTAINERS): return False
-    try: src = inspect.getsource(type(parent).forward)
-    except (OSError, TypeError): return False
-    return re.search(rf'\.{re.escape(attr)}\.(weight|bias)\b', src) is not None
+    segs = ''.join(rf'(?:\.{s}|\[{s}\])' if s.isdigit() else rf'\.{re.escape(s)}' for s in path.split('.'))   # .0 or [0]
+    return re.search(rf'{segs}\.(weight|bias)\b', _forward_source(type(parent))) is not None
+
+def holders(m: nn.Module, owners, max_depth: int = 32):
+    """(module, relative path) for every module above `m`: its parents, their parents, ... (a model's forward may read
+    `self.embeddings.patch_embeddings.projection.weight` three levels up)."""
+    out, todo, seen = [], [(m, '')], set()
+    while todo:
+        mod, rel = todo.pop()
+        for parent, attr, _ in owners.get(id(mod), []):
+            path = f'{attr}.{rel}' if rel else attr
+            if (id(parent), path) in seen or path.count('.') >= max_depth: continue
+            seen.add((id(parent), path)); out.append((parent, path)); todo.append((parent, path))
+    return out
 
 # %% ../../nbs/04_core.ipynb #c006
 def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
@@ -63,8 +79,8 @@ def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
     sh = [n for n, p in m.named_parameters(recurse=False) if id(p) in shared]
     if sh: return f"{' and '.join(sh)} shared with another module"
     if any(b.isdigit() for b in m._buffers): return 'has a buffer named like a block layer (a digit)'
-    for parent, attr, _ in owners.get(id(m), []):
-        if _reads_weight(parent, attr): return f'owner {type(parent).__name__} reads .{attr}.weight directly'
+    for parent, path in holders(m, owners):
+        if _reads_weight(parent, path): return f'owner {type(parent).__name__} reads .{path}.weight directly'
     if not torch.isfinite(w.sum()) and not torch.isfinite(w).all(): return 'weight has NaN/Inf'   # a finite sum: all finite
     return None
 
@@ -249,8 +265,13 @@ class Decomposer:
                 swaps.append((name, m, block))
                 work = self._swap(work, [(m, block)], owners)
                 if after_layer is not None: after_layer(name, m, block, work)
-        if sample is not None and swaps:
-            with eval_mode(work): sample(work)                 # the decomposed model must run
+        if sample is not None and swaps:                       # the decomposed model must run
+            try:
+                with eval_mode(work): sample(work)
+            except Exception as e:
+                raise RuntimeError(f'the decomposed model does not run ({type(e).__name__}: {e}); the model you passed is unchanged. '
+                                   "Code outside a layer may read its attributes directly (e.g. `.weight`): leave that layer "
+                                   'out with exclude=') from e
         self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
         result = work
         if inplace:
