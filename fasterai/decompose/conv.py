@@ -233,12 +233,13 @@ def sample_runner(model, input_shape, data=None):
     dev, dt = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
     return lambda m: m(torch.zeros(tuple(input_shape), device=dev, dtype=dt))
 
-def check_runs(model, data=None, input_shape=None, layers: dict | None = None) -> dict:
+def check_runs(model, data=None, input_shape=None, layers: dict | None = None, every: bool = False) -> dict:
     """Run `model` once (in eval mode) on the first batch of `data`, or else on zeros of `input_shape`; returns the input
-    shapes of `layers` (name → module) seen on the way. A ValueError says what the model could not run on."""
+    shapes of `layers` (name → module) seen on the way (with `every`, the list of every call's). A ValueError says what
+    the model could not run on."""
     run = sample_runner(model, input_shape, data)
     if run is None: return {}
-    try: return input_sizes(model, layers or {}, lambda: run(model))
+    try: return (call_shapes if every else input_sizes)(model, layers or {}, lambda: run(model))
     except Exception as e:
         what = 'the first batch of data' if data is not None else f"input_shape={tuple(input_shape)} (zeros of the model's dtype)"
         raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e

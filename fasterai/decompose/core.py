@@ -18,8 +18,9 @@ from .blocks import *
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
-           'check_names', 'safe_deepcopy', 'eval_mode', 'input_sizes', 'layer_input', 'time_pair', 'slower_reason',
-           'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear', 'with_conv1d', 'load_decomposed']
+           'check_names', 'safe_deepcopy', 'eval_mode', 'call_shapes', 'input_sizes', 'forward_macs', 'layer_input',
+           'time_pair', 'slower_reason', 'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear',
+           'with_conv1d', 'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -135,19 +136,31 @@ def eval_mode(model: nn.Module):
     finally:
         for m, t in modes.items(): m.training = t
 
-def input_sizes(model: nn.Module, layers: dict, run):
-    "Record the input shape of each module in `layers` (name → module) during `run()` (in eval mode)."
-    shapes, hooks = {}, []
+def call_shapes(model: nn.Module, layers: dict, run) -> dict:
+    "The input shape of every call of each module in `layers` (name → module) during `run()` (in eval mode): name → [shapes]."
+    shapes, hooks = defaultdict(list), []
     def hook(name):
         def f(m, args):
-            if args and isinstance(args[0], torch.Tensor) and name not in shapes: shapes[name] = tuple(args[0].shape)
+            if args and isinstance(args[0], torch.Tensor): shapes[name].append(tuple(args[0].shape))
         return f
     try:
         for n, m in layers.items(): hooks.append(m.register_forward_pre_hook(hook(n)))
         with eval_mode(model): run()
     finally:
         for h in hooks: h.remove()
-    return shapes
+    return dict(shapes)
+
+def input_sizes(model: nn.Module, layers: dict, run):
+    "The input shape of the first call of each module in `layers` (name → module) during `run()` (in eval mode)."
+    return {n: s[0] for n, s in call_shapes(model, layers, run).items()}
+
+def forward_macs(layer: nn.Module, m: nn.Module, shapes) -> int:
+    """MACs of `m` (`layer` itself or its block) summed over the calls of `layer`, whose inputs had `shapes`: a layer run
+    several times per forward pass (ALBERT's shared layers, a detection head shared by the levels of a feature pyramid)
+    costs each time."""
+    lin = isinstance(layer, nn.Linear)
+    size = lambda s: (math.prod(s[1:-1]) if len(s) > 2 else 1) if lin else tuple(s[2:])   # positions, or the spatial size
+    return sum(block_macs(m, size(s)) for s in shapes)
 
 # %% ../../nbs/04_core.ipynb #c0lat1
 def layer_input(m: nn.Module, shape) -> torch.Tensor:
@@ -235,7 +248,8 @@ class Decomposer:
         work = safe_deepcopy(model)
         cands, done = self.candidates(work, layers, exclude)
         owners, shared = find_owners(work), shared_params(work)
-        shapes = input_sizes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
+        calls = call_shapes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
+        shapes = {n: s[0] for n, s in calls.items()}
         rows, swaps = [], []
         for name, b in done:
             rows.append(dict(name=name, type=type(b).__name__, method=b.method, ranks=b.ranks, status='skipped',
@@ -256,6 +270,9 @@ class Decomposer:
                 row['ms_before'], row['ms_after'] = time_pair(m, block, layer_input(m, shapes[name]))
                 slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
                 if slow: block, row['reason'] = None, slow
+            if len(calls.get(name, ())) > 1 and row.get('macs_before') is not None:   # MACs per forward pass, every call counted
+                row['macs_before'] = forward_macs(m, m, calls[name])
+                if block is not None: row['macs_after'] = forward_macs(m, block, calls[name])
             row['status'] = 'decomposed' if block is not None else 'skipped'
             row['params_after'] = n_params(block) if block is not None else row['params_before']
             if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # left as it was (the reason says what a block would cost)
