@@ -138,3 +138,38 @@ def test_vit_from_transformers():
     small = decompose(m, budget=0.5, data=[{'pixel_values': x}], verbose=False)
     assert torch.isfinite(small(pixel_values=x).last_hidden_state).all()
     assert (decompose.report.status == 'decomposed').sum() >= 4
+
+
+def _saved(model, tmp_path):
+    from safetensors.torch import load_file
+    model.save_pretrained(tmp_path)
+    return load_file(str(tmp_path / 'model.safetensors'))
+
+
+def test_load_decomposed_reads_transformers_checkpoint_names(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    small = FC_Decomposer().decompose(transformers.ViTModel(cfg).eval(), percent_removed=0.75, verbose=False)
+    sd = _saved(small, tmp_path)
+    assert not any(k.startswith('layers.') for k in sd)                      # saved under the old names (encoder.layer.0...)
+    back = load_decomposed(transformers.ViTModel(cfg).eval(), sd)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(pixel_values=x).last_hidden_state, small(pixel_values=x).last_hidden_state)
+    assert sum(isinstance(m, LowRankBlock) for m in back.modules()) == sum(isinstance(m, LowRankBlock) for m in small.modules()) > 0
+
+
+def test_load_decomposed_strict_with_a_tied_head(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    small = FC_Decomposer().decompose(transformers.LlamaForCausalLM(cfg).eval(), percent_removed=0.75, verbose=False)
+    sd = _saved(small, tmp_path)
+    assert 'lm_head.weight' not in sd                                         # safetensors keeps a tied weight once
+    back = load_decomposed(transformers.LlamaForCausalLM(cfg).eval(), sd)     # strict: the tie is not a missing key
+    ids = torch.randint(0, 64, (1, 7))
+    assert torch.equal(back(ids).logits, small(ids).logits) and back.lm_head.weight is back.model.embed_tokens.weight
+    del sd['model.norm.weight']
+    with pytest.raises(RuntimeError, match='missing keys'):
+        load_decomposed(transformers.LlamaForCausalLM(cfg).eval(), sd)

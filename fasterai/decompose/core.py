@@ -20,7 +20,7 @@ from .blocks import *
 __all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
            'check_names', 'safe_deepcopy', 'eval_mode', 'call_shapes', 'input_sizes', 'forward_macs', 'layer_input',
            'time_pair', 'slower_reason', 'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear',
-           'with_conv1d', 'load_decomposed']
+           'with_conv1d', 'hf_checkpoint_names', 'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -395,11 +395,34 @@ def _block_guesses(m, sub: dict):
         except Exception: pass                                             # e.g. spatial on a 1-d conv
     return out
 
+def _known(keys, model) -> int:
+    "How many of `keys` name a tensor of `model`, or a block layer (`<layer>.<digit>...`) in place of one of its layers."
+    state, layers = set(model.state_dict()), {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(m)}
+    return sum(k in state or any(k.startswith(f'{l}.') and k[len(l) + 1:].split('.')[0].isdigit() for l in layers) for k in keys)
+
+def hf_checkpoint_names(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` with the checkpoint names that `transformers` (5 and later) writes on `save_pretrained` for some
+    architectures (`encoder.layer.0.intermediate.dense...` for a module named `layers.0.mlp.fc1`) renamed to the model's
+    module names, with the renamings `from_pretrained` would apply; `state_dict` itself for other models, or when no
+    renaming makes more of its keys known to `model`."""
+    if not any(c.__module__.startswith('transformers') for c in type(model).__mro__): return state_dict
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import apply_renamings, WeightRenaming
+        ren = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        if not ren: return state_dict
+        renamed = {apply_renamings(k, ren): v for k, v in state_dict.items()}
+    except Exception: return state_dict                                     # another transformers version: keys as they are
+    return renamed if len(renamed) == len(state_dict) and _known(renamed, model) > _known(state_dict, model) else state_dict
+
 def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True, inplace: bool = False) -> nn.Module:
     """`model` (the dense architecture a decomposed model came from) with the low-rank blocks that `state_dict` holds
-    rebuilt in place of their layers, and `state_dict` loaded. A copy unless `inplace`."""
+    rebuilt in place of their layers, and `state_dict` loaded. A copy unless `inplace`. Keys in the checkpoint names of
+    `transformers`' `save_pretrained` are renamed (`hf_checkpoint_names`); with `strict`, a tied weight the file left out
+    (safetensors stores a tied `lm_head.weight` once) is not missing."""
     check_model(model)
     if not isinstance(state_dict, Mapping): raise TypeError(f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}')
+    state_dict = hf_checkpoint_names(model, state_dict)
     work = model if inplace else safe_deepcopy(model)
     owners, seen = find_owners(work), set()
     for name, m in list(work.named_modules()):
@@ -415,5 +438,12 @@ def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True, inp
             raise ValueError(f'load_decomposed: the saved block at {name!r} ({sorted(sub.items())}) is not one this '
                              f'{type(m).__name__} can become; was the state_dict saved from a decomposed copy of this model?')
         work = Decomposer()._swap(work, [(m, adopt(match, m, name))], owners)
-    work.load_state_dict(state_dict, strict=strict)
+    res = work.load_state_dict(state_dict, strict=False)
+    if strict:
+        params = dict(work.named_parameters(remove_duplicate=False))
+        loaded = {id(params[k]) for k in state_dict if k in params}
+        missing = [k for k in res.missing_keys if not (k in params and id(params[k]) in loaded)]   # tied to a loaded weight
+        if missing or res.unexpected_keys:
+            raise RuntimeError(f'load_decomposed: missing keys {missing[:8]}, unexpected keys {res.unexpected_keys[:8]} '
+                               f'({len(missing)} and {len(res.unexpected_keys)} in all); pass strict=False to load what matches')
     return work
