@@ -119,3 +119,15 @@ def test_learner_decompose_passes_min_speedup(monkeypatch):
     timed = rep[rep.ms_before.notna()]
     assert len(timed) and (timed.status == 'skipped').all()
     assert not any(isinstance(x, LowRankBlock) for x in learn.model.modules())
+
+
+def test_budget_passes_min_speedup_and_says_what_it_cost(monkeypatch):
+    from fasterai.decompose.budget import decompose
+    m = cnn()
+    monkeypatch.setattr(core, 'time_pair', fake_timer(lambda a, b: (1.0, 2.0) if isinstance(a, nn.Conv2d) else (2.0, 1.0)))
+    with pytest.warns(UserWarning, match='min_speedup left .* planned layer'):
+        out = decompose(m, budget=0.5, input_shape=(1, 3, 16, 16), min_speedup=1.0, verbose=False)
+    rep = decompose.report
+    assert rep[rep.type == 'Conv2d'].reason.str.startswith('block not faster').any()
+    assert not any(isinstance(x, LowRankConv) for x in out.modules())
+    assert torch.isfinite(out(torch.randn(1, 3, 16, 16))).all()
