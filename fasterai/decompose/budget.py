@@ -85,7 +85,9 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
             if c < p.dense and p.shrinks(r): out[p.name], cost = r, cost + c
             else: out[p.name], cost = None, cost + p.dense
         return out, cost
-    lo, hi = 1e-15, 1.0
+    pos = [float(e[e > 0].min()) for p in plans for e in p.energy if (e > 0).any()]
+    umax = max((max(u) for u in units.values()), default=1)
+    lo, hi = min(1e-15, 0.5 * min(pos) * total / umax) if pos and min(pos) > 0 else 1e-15, 1.0   # below every layer's smallest energy
     while at(hi)[1] > target and hi < 1e12: hi *= 10
     best = at(hi)
     for _ in range(100):

@@ -579,7 +579,7 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
             return out + z
         return f
     modes, device = {m: m.training for m in model.modules()}, model_device(model)
-    gen, n, reached = torch.Generator().manual_seed(seed), 0, False
+    gen, n, reached, seen = torch.Generator().manual_seed(seed), 0, False, False
     try:
         for name, m in modules.items(): hooks.append(m.register_forward_hook(hook(name)))
         model.eval()
@@ -589,6 +589,8 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
                 if half: item = (item[0], _as_float32(item[1]))
                 out = _first_tensor(run_model(model, item, device))
                 if out is None: raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
+                if out.numel() == 0: continue                                  # e.g. a detector that found nothing
+                seen = True
                 if probes and not out.requires_grad:
                     raise TypeError('output weighting needs the model output to depend on its layers through autograd, but it does not '
                                     '(does forward run under torch.no_grad / inference_mode, or detach its output?)')
@@ -608,9 +610,13 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
     finally:
         for h in hooks: h.remove()
         for m, t in modes.items(): m.training = t
-    if n and not reached:
+    if not seen and modules:
+        raise TypeError("output weighting follows the model's first float output, which was empty on every calibration batch "
+                        '(a detector with no detections?)')
+    if n and (not reached or all(not bool(v.any()) for v in acc.values())):
         raise TypeError('output weighting got no gradient at any layer: the model output does not depend on its layers through '
-                        'ordinary autograd (a custom autograd.Function, such as reversible layers, recomputes them)')
+                        'ordinary autograd (a custom autograd.Function, such as reversible layers, recomputes them), or only '
+                        'through values it does not differentiate (indices, selected boxes)')
     return {k: v / max(n, 1) for k, v in acc.items()}
 
 def gram_mean(G) -> float:
