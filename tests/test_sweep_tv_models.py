@@ -46,3 +46,40 @@ def test_empty_detector_output_falls_back_with_the_reason():
     with pytest.warns(UserWarning, match='empty on every calibration batch'):
         out = decompose(m, budget=0.6, data=data, verbose=False)
     assert (decompose.report.status == 'decomposed').any()
+
+
+class BoxHead(nn.Module):
+    "A backbone, then Linears on every spatial position as its own row: (B·H·W, C), as a detector's box head runs on N regions."
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, 2, 1))
+        self.fc6, self.fc7 = nn.Linear(64, 256), nn.Linear(256, 256)
+    def forward(self, x):
+        rows = self.body(x).flatten(2).transpose(1, 2).reshape(-1, 64)
+        return self.fc7(torch.relu(self.fc6(rows))).reshape(x.shape[0], -1).mean(1, keepdim=True)
+
+
+def conv_linear_macs(model, x):
+    total, hooks = [0], []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(lambda m, a, o: total.__setitem__(0, total[0] + o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])))
+        elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lambda m, a, o: total.__setitem__(0, total[0] + o.numel() * m.in_features)))
+    with torch.no_grad(): model(x)
+    for h in hooks: h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize('source', ['input_shape', 'data'])
+def test_macs_of_linears_on_many_rows_per_sample(source):
+    torch.manual_seed(0)
+    m = BoxHead().eval()
+    x = torch.randn(1, 3, 16, 16)
+    kw = dict(input_shape=(2, 3, 16, 16)) if source == 'input_shape' else dict(data=[torch.randn(4, 3, 16, 16)])
+    d = FC_Decomposer()
+    d.decompose(m, percent_removed=0.5, verbose=False, **kw)
+    test_rows = d.report.set_index('name')
+    assert test_rows.loc['fc6', 'macs_before'] == 64 * 64 * 256                # 64 rows of one image, not one
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = decompose(m, budget=0.5, budget_on='macs', verbose=False, **kw)
+    assert abs(conv_linear_macs(out, x) / conv_linear_macs(m, x) - 0.5) < 0.01

@@ -26,10 +26,10 @@ __all__ = ['LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'whitened_spect
 # %% ../../nbs/07_budget.ipynb #c005
 class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
-    def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None):
+    def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None, batch=None):
         self.name, self.layer, self.method, self.spectra, self.full, self.in_shape, self.on = name, layer, method, spectra, full, in_shape, on
-        self.compact, self._blocks = compact, {}
-        self.calls = calls if calls is not None and len(calls) > 1 else None      # input shapes of a layer run several times
+        self.compact, self._blocks, self.batch = compact, {}, batch
+        self.calls = calls if counts_rows(calls, batch) else None    # input shapes of a layer run several times, or on N rows per sample
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
         self.dense = self.cost(None)
 
@@ -57,7 +57,7 @@ class LayerPlan:
         lin = isinstance(self.layer, nn.Linear)
         m = self.layer if ranks is None else self.block(ranks)
         if self.on == 'params': return n_params(m)
-        if self.calls: return forward_macs(self.layer, m, self.calls)
+        if self.calls: return forward_macs(self.layer, m, self.calls, self.batch)
         if lin: return (m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)) * linear_positions(self.in_shape)   # bias-free MACs
         size = tuple(self.in_shape[2:]) if self.in_shape else _nominal_size(self.layer)
         return block_macs(m, size)
@@ -121,15 +121,16 @@ def _fill(plans, ranks, cost, target, tol, max_steps=500):
     return ranks, cost
 
 # %% ../../nbs/07_budget.ipynb #c008
-def dense_macs(m, in_shape, calls=None):
-    """MACs of a Linear or conv (transposed too) run on input shape `in_shape` (batch 1 per sample), or None without a shape
-    for a conv; summed over `calls` (the input shapes of every call) for a layer run several times."""
-    if calls is not None and len(calls) > 1: return forward_macs(m, m, calls)
+def dense_macs(m, in_shape, calls=None, batch=None):
+    """MACs of a Linear or conv (transposed too) run on input shape `in_shape` (per sample), or None without a shape
+    for a conv; summed over `calls` (the input shapes of every call) for a layer run several times or on N rows per sample
+    of a `batch` (see `forward_macs`)."""
+    if counts_rows(calls, batch): return forward_macs(m, m, calls, batch)
     if isinstance(m, nn.Linear): return m.weight.numel() * linear_positions(in_shape)
     return layer_macs(m, tuple(in_shape[2:])) if in_shape else None
 
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None, compact=False,
-                skipped: list | None = None, calls: dict | None = None):
+                skipped: list | None = None, calls: dict | None = None, batch: int | None = None):
     """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a list) gets (name, layer, reason)
     of the others. `calls` (name → the input shapes of every call, see `call_shapes`) counts the MACs of every call."""
     calls = calls or {}
@@ -152,7 +153,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             else: spec = [spectrum(M[0]) for M in mode_matrices(W, meth, 1)]
             full = (min(W.shape),) if lin else full_ranks(m, meth)
             plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, (shapes or {}).get(name), on, compact=lin and compact,
-                                   calls=calls.get(name)))
+                                   calls=calls.get(name), batch=batch))
     in_plans = {id(p.layer) for p in plans}
     if on == 'params': fixed = n_params(model) - sum(p.dense for p in plans)
     else:
@@ -160,7 +161,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
         for dec, _ in kinds:
             for name, m in dec.candidates(model, layers, exclude)[0]:
                 if id(m) in in_plans: continue
-                fixed += dense_macs(m, (shapes or {}).get(name), calls.get(name)) or 0
+                fixed += dense_macs(m, (shapes or {}).get(name), calls.get(name), batch) or 0
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
@@ -201,11 +202,11 @@ def _passed_on():
                               'method', 'inplace', 'input_shape', 'verbose'})
 _PASSED_ON = _passed_on()
 
-def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude, calls=None):
+def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude, calls=None, batch=None):
     "The decomposers' rows, plus one row per candidate layer left as it was (and why), in the model's order."
     import pandas as pd
     def row(name, m, reason, method=None):
-        pb, mb = n_params(m), dense_macs(m, shapes.get(name), (calls or {}).get(name))
+        pb, mb = n_params(m), dense_macs(m, shapes.get(name), (calls or {}).get(name), batch)
         return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb, macs_before=mb, macs_after=mb,
                     status='skipped', reason=reason)
     extra = [row(n, m, why) for n, m, why in skipped]
@@ -254,6 +255,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     data = kwargs.get('data')
     calls = check_runs(model, data if input_shape is None else None, input_shape, cands, every=True)   # input_shape first: it is what MACs count
     shapes = {n: s[0] for n, s in calls.items()}
+    batch = getattr(sample_runner(model, input_shape, data if input_shape is None else None), 'batch', None)
     auto = sensitivity is None
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
@@ -274,7 +276,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     roots = layer_out_roots(og, model, data, n_batches, cands)
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
     skipped = []
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact, skipped, calls)
+    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact, skipped, calls, batch)
     if sens is not None:                                # a layer the followed output never reads: no measure of its error, so no cut
         for p in [p for p in plans if not sens.get(p.name, 0) > 0]:
             skipped.append((p.name, p.layer, 'sensitivity 0: its output never reached the model output that calibration follows '
@@ -319,7 +321,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
         done = [n for r in reports for n in r.name[r.status == 'decomposed']]
         orig = dict(model.named_modules(remove_duplicate=False))
         out = Decomposer()._swap(model, [(orig[n], out.get_submodule(n)) for n in done], find_owners(model))
-    decompose.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude, calls)
+    decompose.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude, calls, batch)
     slow = sum(int(r.reason.astype(str).str.startswith('block not faster').sum()) for r in reports)
     if slow: warnings.warn(f'min_speedup left {slow} planned layer(s) dense (their blocks were not faster than the layers on this '
                            f'machine): the model keeps more than the planned {cost / total_all:.1%} of the {budget_on}')

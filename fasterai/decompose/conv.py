@@ -20,8 +20,8 @@ from collections.abc import Mapping
 # %% auto #0
 __all__ = ['METHODS', 'CONV_KINDS', 'BUILDERS', 'conv_dims', 'method_reason', 'cp_rank_bound', 'full_ranks', 'mode_matrices',
            'spectrum', 'choose_ranks', 'factorize_conv', 'whitened_conv', 'check_grams', 'layer_out_roots',
-           'layer_stats', 'layer_target', 'check_explicit_rank', 'check_input_shape', 'sample_runner', 'check_runs',
-           'Conv_Decomposer']
+           'layer_stats', 'layer_target', 'check_explicit_rank', 'check_input_shape', 'batch_size', 'sample_runner',
+           'check_runs', 'Conv_Decomposer']
 
 # %% ../../nbs/05_conv.ipynb #c005
 METHODS = ('tucker', 'svd', 'spatial', 'cp')
@@ -222,16 +222,30 @@ def check_input_shape(input_shape):
                                         and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
         raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
 
+def batch_size(v):
+    "The batch size of model inputs `v`: the first dim of the first tensor, or the length of a list of tensors (a detector's images)."
+    if isinstance(v, torch.Tensor): return v.shape[0] if v.dim() else None
+    if isinstance(v, Mapping): return batch_size(next(iter(v.values()), None))
+    if isinstance(v, (tuple, list)) and v:
+        if all(isinstance(t, torch.Tensor) for t in v) and isinstance(v, list): return len(v)
+        return batch_size(v[0])
+    return None
+
 def sample_runner(model, input_shape, data=None):
-    "A function running a model on the first batch of `data`, or on zeros of `input_shape` (on the model's device and dtype)."
+    """A function running a model on the first batch of `data`, or on zeros of `input_shape` (on the model's device and
+    dtype); its `batch` is that input's batch size (MACs are counted per sample)."""
     if data is not None:
         item = next(iter_batches(data, 1), None)
         if item is None: raise ValueError('data yielded no batch')
-        return lambda m: run_model(m, item, model_device(m))
+        f = lambda m: run_model(m, item, model_device(m))
+        f.batch = batch_size(item[1])
+        return f
     if input_shape is None: return None
     p = next(model.parameters(), None)
     dev, dt = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
-    return lambda m: m(torch.zeros(tuple(input_shape), device=dev, dtype=dt))
+    f = lambda m: m(torch.zeros(tuple(input_shape), device=dev, dtype=dt))
+    f.batch = input_shape[0] if len(input_shape) > 1 else None
+    return f
 
 def check_runs(model, data=None, input_shape=None, layers: dict | None = None, every: bool = False) -> dict:
     """Run `model` once (in eval mode) on the first batch of `data`, or else on zeros of `input_shape`; returns the input

@@ -18,9 +18,9 @@ from .blocks import *
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
-           'check_names', 'safe_deepcopy', 'eval_mode', 'call_shapes', 'input_sizes', 'forward_macs', 'layer_input',
-           'time_pair', 'slower_reason', 'check_min_speedup', 'Decomposer', 'is_hf_conv1d', 'conv1d_as_linear',
-           'with_conv1d', 'hf_checkpoint_names', 'load_decomposed']
+           'check_names', 'safe_deepcopy', 'eval_mode', 'call_shapes', 'input_sizes', 'forward_macs', 'counts_rows',
+           'layer_input', 'time_pair', 'slower_reason', 'check_min_speedup', 'Decomposer', 'is_hf_conv1d',
+           'conv1d_as_linear', 'with_conv1d', 'hf_checkpoint_names', 'load_decomposed']
 
 # %% ../../nbs/04_core.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -154,13 +154,21 @@ def input_sizes(model: nn.Module, layers: dict, run):
     "The input shape of the first call of each module in `layers` (name → module) during `run()` (in eval mode)."
     return {n: s[0] for n, s in call_shapes(model, layers, run).items()}
 
-def forward_macs(layer: nn.Module, m: nn.Module, shapes) -> int:
-    """MACs of `m` (`layer` itself or its block) summed over the calls of `layer`, whose inputs had `shapes`: a layer run
-    several times per forward pass (ALBERT's shared layers, a detection head shared by the levels of a feature pyramid)
-    costs each time."""
+def forward_macs(layer: nn.Module, m: nn.Module, shapes, batch: int | None = None) -> int:
+    """MACs per sample of `m` (`layer` itself or its block) summed over the calls of `layer`, whose inputs had `shapes`:
+    a layer run several times per forward pass (ALBERT's shared layers, a detection head shared by the levels of a
+    feature pyramid) costs each time. With `batch` (the model input's batch size), a call's leading dim counts as rows per
+    `batch` samples (a detector's box head runs on its N regions: (N, C) is N rows per image); without it, as the batch."""
     lin = isinstance(layer, nn.Linear)
-    size = lambda s: (math.prod(s[1:-1]) if len(s) > 2 else 1) if lin else tuple(s[2:])   # positions, or the spatial size
-    return sum(block_macs(m, size(s)) for s in shapes)
+    def one(s):
+        rows = s[0] / batch if batch else 1
+        if lin: return block_macs(m, math.prod(s[1:-1]) if len(s) > 2 else 1) * rows
+        return block_macs(m, tuple(s[2:])) * rows
+    return round(sum(one(s) for s in shapes))
+
+def counts_rows(shapes, batch) -> bool:
+    "Do the input `shapes` of a layer's calls need `forward_macs` (several calls, or a leading dim that is not the batch)?"
+    return bool(shapes) and (len(shapes) > 1 or (batch is not None and shapes[0][0] != batch))
 
 # %% ../../nbs/04_core.ipynb #c0lat1
 def layer_input(m: nn.Module, shape) -> torch.Tensor:
@@ -270,9 +278,10 @@ class Decomposer:
                 row['ms_before'], row['ms_after'] = time_pair(m, block, layer_input(m, shapes[name]))
                 slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
                 if slow: block, row['reason'] = None, slow
-            if len(calls.get(name, ())) > 1 and row.get('macs_before') is not None:   # MACs per forward pass, every call counted
-                row['macs_before'] = forward_macs(m, m, calls[name])
-                if block is not None: row['macs_after'] = forward_macs(m, block, calls[name])
+            batch = getattr(sample, 'batch', None)
+            if counts_rows(calls.get(name), batch) and row.get('macs_before') is not None:   # per sample, every call counted
+                row['macs_before'] = forward_macs(m, m, calls[name], batch)
+                if block is not None: row['macs_after'] = forward_macs(m, block, calls[name], batch)
             row['status'] = 'decomposed' if block is not None else 'skipped'
             row['params_after'] = n_params(block) if block is not None else row['params_before']
             if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # left as it was (the reason says what a block would cost)
