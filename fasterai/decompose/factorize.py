@@ -12,7 +12,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'tucker2',
-           'tucker2_weight', 'cp_factors', 'cp_weight']
+           'tucker2_weight', 'cp_als', 'cp_factors', 'cp_weight']
 
 # %% ../../nbs/00_factorize.ipynb #c005
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -158,36 +158,64 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
     return torch.cat(parts)
 
 # %% ../../nbs/00_factorize.ipynb #c024
+def _mttkrp(X, facs, n):
+    "The mode-`n` unfolding of `X` times the Khatri–Rao product of the other factors, contracted one mode at a time (never formed)."
+    letters = 'abcdefgh'[:X.dim()]
+    spec = ','.join([letters] + [f'{l}z' for i, l in enumerate(letters) if i != n]) + f'->{letters[n]}z'
+    return torch.einsum(spec, X, *[f for i, f in enumerate(facs) if i != n])
+
+def _cp_start(X, r, init, gen):
+    "Starting factors: the leading left singular vectors of each unfolding (random columns past its size), or random."
+    facs = []
+    for n, d in enumerate(X.shape):
+        if init == 'svd':
+            U = leading_subspace(X.movedim(n, 0).reshape(d, -1), min(r, d))[0]
+            if r > d: U = torch.cat([U, torch.randn(d, r - d, generator=gen, dtype=X.dtype)], 1)
+        else: U = torch.randn(d, r, generator=gen, dtype=X.dtype)
+        facs.append(U)
+    return facs
+
+def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: str = 'svd', seed: int = 0):
+    """CP-ALS of a float64 tensor `X` with ‖X‖ = 1 at rank `r`: (weights, factors with unit columns, relative error) of the
+    best iterate. Each mode update solves its normal equations with the Hadamard product of the other factors' Grams;
+    the error comes from those Grams and the last product, so no iterate is rebuilt."""
+    gen = torch.Generator().manual_seed(seed)
+    facs = _cp_start(X, r, init, gen)
+    grams = [f.T @ f for f in facs]
+    best, prev = None, math.inf
+    for _ in range(max(n_iter, 1)):
+        for n in range(X.dim()):
+            V = math.prod(g for i, g in enumerate(grams) if i != n)
+            M = _mttkrp(X, facs, n)
+            A = torch.linalg.lstsq(V, M.T, driver='gelsd').solution.T if not torch.isfinite(V).all() else M @ torch.linalg.pinv(V, hermitian=True)
+            lam = A.norm(dim=0)
+            A = A / torch.where(lam > 0, lam, torch.ones_like(lam))
+            facs[n], grams[n] = A, A.T @ A
+        inner = float((M * A).sum(0) @ lam)                                   # ⟨X, X̂⟩ from the last mode's product
+        fit2 = float(lam @ (math.prod(grams) @ lam))                          # ‖X̂‖²
+        err = math.sqrt(max(1 - 2 * inner + fit2, 0.))
+        if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in facs): break
+        if best is None or err < best[2]: best = (lam.clone(), [f.clone() for f in facs], err)
+        if abs(prev - err) < tol: break
+        prev = err
+    return best
+
 def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, seed: int = 0):
-    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS.
-    Returns (factors, rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r)."""
-    import tensorly as tl
-    from tensorly.decomposition import parafac
-    Wn = W.detach().to('cpu', torch.float64).numpy()
-    norm = np.linalg.norm(Wn)
-    if norm == 0: return [torch.zeros(d, r, dtype=torch.float64) for d in Wn.shape], 0.0
-    best, best_err = None, np.inf
+    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS (`cp_als`), from an SVD start and, when that
+    ends above 50% error, also from a random one. Returns (factors, rel_error): one matrix per mode (T×r with the weights
+    folded in, S×r, k_i×r), float64 on the CPU."""
+    X = W.detach().to('cpu', torch.float64)
+    norm = float(torch.linalg.vector_norm(X))
+    if norm == 0: return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0
+    best = None
     for init in ('svd', 'random'):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                with tl.backend_context('numpy'):
-                    cp = parafac(Wn / norm, rank=r, init=init, n_iter_max=n_iter, tol=tol, random_state=seed,
-                                 normalize_factors=True, linesearch=False)
-        except Exception: continue
-        weights, facs = cp
-        if not all(np.isfinite(f).all() for f in facs) or not np.isfinite(weights).all(): continue
-        rec = tl.cp_to_tensor((weights, facs))
-        err = np.linalg.norm(Wn / norm - rec)
-        if err < best_err: best, best_err = (weights, facs), err
-        if best_err < 0.5: break
+        res = cp_als(X / norm, r, n_iter, tol, init, seed)
+        if res is not None and (best is None or res[2] < best[2]): best = res
+        if best is not None and best[2] < 0.5: break
     if best is None: raise FloatingPointError('CP-ALS did not produce finite factors')
-    weights, facs = best
-    facs = [torch.from_numpy(np.ascontiguousarray(f)) for f in facs]
-    # fold λ·‖W‖ into the output factor, and balance scales between the four factors
-    scale = torch.from_numpy(weights * norm)
-    facs[0] = facs[0] * scale
-    return facs, float(best_err)
+    lam, facs, err = best
+    facs[0] = facs[0] * (lam * norm)                                          # fold λ·‖W‖ into the output factor
+    return facs, float(err)
 
 def cp_weight(facs):
     "Rebuild the tensor from CP factors."
