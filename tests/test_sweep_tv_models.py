@@ -83,3 +83,13 @@ def test_macs_of_linears_on_many_rows_per_sample(source):
         warnings.simplefilter('ignore')
         out = decompose(m, budget=0.5, budget_on='macs', verbose=False, **kw)
     assert abs(conv_linear_macs(out, x) / conv_linear_macs(m, x) - 0.5) < 0.01
+
+
+def test_macs_budget_warns_about_layers_run_functionally():
+    class Owner(nn.Module):                                  # runs its child's weight itself, as torchvision's Swin3d attention does
+        def __init__(self): super().__init__(); self.qkv = nn.Linear(32, 96); self.out = nn.Linear(96, 32)
+        def forward(self, x): return self.out(nn.functional.linear(x, self.qkv.weight, self.qkv.bias))
+    m = nn.Sequential(nn.Linear(32, 32), Owner()).eval()
+    with pytest.warns(UserWarning, match=r"1 candidate layer\(s\) were not called as modules on this input \(1.qkv\)"):
+        decompose(m, budget=0.7, budget_on='macs', input_shape=(4, 32), verbose=False)
+    assert 'reads .qkv.weight directly' in decompose.report.set_index('name').loc['1.qkv', 'reason']

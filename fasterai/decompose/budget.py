@@ -256,6 +256,11 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     calls = check_runs(model, data if input_shape is None else None, input_shape, cands, every=True)   # input_shape first: it is what MACs count
     shapes = {n: s[0] for n, s in calls.items()}
     batch = getattr(sample_runner(model, input_shape, data if input_shape is None else None), 'batch', None)
+    unseen = [n for n in cands if n not in calls]
+    if budget_on == 'macs' and unseen:
+        warnings.warn(f'{len(unseen)} candidate layer(s) were not called as modules on this input ({", ".join(unseen[:3])}'
+                      f'{", ..." if len(unseen) > 3 else ""}): a dead branch, or an owner that runs their weight itself '
+                      '(F.linear); their MACs are unknown here and counted as one position per sample')
     auto = sensitivity is None
     if auto: sensitivity = data is not None
     if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
