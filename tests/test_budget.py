@@ -162,3 +162,23 @@ def test_budget_spends_what_coarse_threshold_steps_leave():
     for b in (0.2, 0.22, 0.5):
         out = decompose(net, budget=b, budget_on='macs', input_shape=(1, 1, 16, 16), verbose=False)
         assert abs(macs(out) / macs(net) - b) <= 0.01, (b, macs(out) / macs(net))
+
+
+def test_whitened_spectra_in_groups_match_one_pass():
+    from fasterai.decompose.budget import whitened_spectra
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+    calls = [0]
+    m.register_forward_pre_hook(lambda mod, args: calls.__setitem__(0, calls[0] + 1))
+    cands = {'0': m[0], '2': m[2], '4': m[4]}
+    data = [torch.randn(4, 3, 8, 8)]
+    one = whitened_spectra(m, data, 1, 'tucker', cands)
+    want = {n: one(n, l) for n, l in cands.items()}
+    assert calls[0] == 1                                           # everything from one calibration pass
+    calls[0] = 0
+    split = whitened_spectra(m, data, 1, 'tucker', cands, max_bytes=1)     # every layer its own group
+    for n, l in cands.items():
+        got = split(n, l)
+        assert all(torch.allclose(a, b) for a, b in zip(got, want[n]))
+        assert split(n, l) is got                                  # read once, then cached
+    assert calls[0] == 3

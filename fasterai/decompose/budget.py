@@ -165,13 +165,31 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     return plans, fixed
 
 # %% ../../nbs/07_budget.ipynb #c009
-def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None):
-    """A function (name, layer) → spectra per rank slot of the whitened weight (output side), from one calibration pass;
-    `roots` (name → (P, P⁻¹) or None, see `layer_out_roots`) adds the output weighting."""
+def _moment_bytes(m) -> int:
+    "Bytes of a layer's float64 input second moment (`InputStats`)."
+    if isinstance(m, nn.Linear): return 8 * m.in_features ** 2
+    d = m.in_channels // m.groups * math.prod(m.kernel_size)
+    return 8 * m.groups * d * d
+
+def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None, max_bytes: int = 2 ** 30):
+    """A function (name, layer) → spectra per rank slot of the whitened weight (output side); `roots` (name → (P, P⁻¹) or
+    None, see `layer_out_roots`) adds the output weighting. Input moments are gathered for groups of layers holding at most
+    `max_bytes` together (one calibration pass per group: one in all for most models; a segmentation head's 2048-channel
+    3×3 conv alone holds 2.7 GB), and a layer's are dropped once its spectra are read."""
     mods = {n: m for n, m in cands.items() if supports_stats(m)}
-    stats = collect_stats(model, data, mods, n_batches)
-    def f(name, m):
-        st = stats.get(name)
+    groups, size = [[]], 0
+    for n, m in mods.items():
+        b = _moment_bytes(m)
+        if groups[-1] and size + b > max_bytes: groups.append([]); size = 0
+        groups[-1].append(n); size += b
+    group_of = {n: i for i, g in enumerate(groups) for n in g}
+    held, done = {}, {}
+    def stats_of(name):
+        if name not in held:
+            held.clear()                                                        # one group's moments at a time
+            held.update(collect_stats(model, data, {n: mods[n] for n in groups[group_of[name]] if n not in done}, n_batches))
+        return held.pop(name)
+    def spectra(name, m, st):
         if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')): return None
         W = m.weight.detach().double()
         P = roots(name) if roots is not None else None
@@ -182,7 +200,11 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', ro
         Sc, K = W.shape[1], math.prod(W.shape[2:])
         C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)               # channel second moment
         return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
+    def f(name, m):
+        if name not in done: done[name] = spectra(name, m, stats_of(name)) if name in group_of else None
+        return done[name]
     return f
+
 
 # %% ../../nbs/07_budget.ipynb #c011
 def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | None = 4, seed: int = 0) -> dict:
@@ -282,6 +304,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
     spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
     skipped = []
     plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact, skipped, calls, batch)
+    spectra_fn = None                                   # its cached spectra and any moments it still holds go
     if sens is not None:                                # a layer the followed output never reads: no measure of its error, so no cut
         for p in [p for p in plans if not sens.get(p.name, 0) > 0]:
             skipped.append((p.name, p.layer, 'sensitivity 0: its output never reached the model output that calibration follows '
