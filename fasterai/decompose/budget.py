@@ -350,7 +350,7 @@ def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', 
         orig = dict(model.named_modules(remove_duplicate=False))
         out = Decomposer()._swap(model, [(orig[n], out.get_submodule(n)) for n in done], find_owners(model))
     decompose.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude, calls, batch)
-    slow = sum(int(r.reason.astype(str).str.startswith('block not faster').sum()) for r in reports)
+    slow = sum(int(r.reason.astype(str).str.startswith(SLOWER).sum()) for r in reports)
     if slow: warnings.warn(f'min_speedup left {slow} planned layer(s) dense (their blocks were not faster than the layers on this '
                            f'machine): the model keeps more than the planned {cost / total_all:.1%} of the {budget_on}')
     if verbose:

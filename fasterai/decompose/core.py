@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .blocks import *
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
+__all__ = ['SLOWER', 'REPORT_COLUMNS', 'find_owners', 'shared_params', 'holders', 'skip_reason', 'allow_autograd', 'check_model',
            'check_names', 'safe_deepcopy', 'eval_mode', 'call_shapes', 'input_sizes', 'forward_macs', 'counts_rows',
            'layer_input', 'time_pair', 'slower_reason', 'check_min_speedup', 'Decomposer', 'is_hf_conv1d',
            'conv1d_as_linear', 'with_conv1d', 'hf_checkpoint_names', 'load_decomposed']
@@ -194,10 +194,12 @@ def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.0
             n += 1
     return tuple(1000 * min(t) for t in ts)
 
+SLOWER = 'block not faster'                                   # how a report reason starts when `min_speedup` refused the block
+
 def slower_reason(ms_layer: float, ms_block: float, min_speedup: float) -> str | None:
     "Why a block timed at `ms_block` must not replace a layer timed at `ms_layer`, or None."
     if ms_layer >= min_speedup * ms_block: return None
-    return (f'block not faster: {ms_block:.3g} ms against {ms_layer:.3g} ms dense at this input '
+    return (f'{SLOWER}: {ms_block:.3g} ms against {ms_layer:.3g} ms dense at this input '
             f'({ms_layer / ms_block:.2f}× < min_speedup={min_speedup})')
 
 def check_min_speedup(min_speedup, input_shape=None, data=None):
@@ -258,7 +260,7 @@ class Decomposer:
         owners, shared = find_owners(work), shared_params(work)
         calls = call_shapes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
         shapes = {n: s[0] for n, s in calls.items()}
-        rows, swaps = [], []
+        rows, swaps, batch = [], [], getattr(sample, 'batch', None)
         for name, b in done:
             rows.append(dict(name=name, type=type(b).__name__, method=b.method, ranks=b.ranks, status='skipped',
                              reason='already decomposed', params_before=n_params(b), params_after=n_params(b)))
@@ -278,7 +280,6 @@ class Decomposer:
                 row['ms_before'], row['ms_after'] = time_pair(m, block, layer_input(m, shapes[name]))
                 slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
                 if slow: block, row['reason'] = None, slow
-            batch = getattr(sample, 'batch', None)
             if counts_rows(calls.get(name), batch) and row.get('macs_before') is not None:   # per sample, every call counted
                 row['macs_before'] = forward_macs(m, m, calls[name], batch)
                 if block is not None: row['macs_after'] = forward_macs(m, block, calls[name], batch)

@@ -187,7 +187,7 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: s
         for n in range(X.dim()):
             V = math.prod(g for i, g in enumerate(grams) if i != n)
             M = _mttkrp(X, facs, n)
-            A = torch.linalg.lstsq(V, M.T, driver='gelsd').solution.T if not torch.isfinite(V).all() else M @ torch.linalg.pinv(V, hermitian=True)
+            A = M @ torch.linalg.pinv(V, hermitian=True)                    # non-finite iterates are caught below
             lam = A.norm(dim=0)
             A = A / torch.where(lam > 0, lam, torch.ones_like(lam))
             facs[n], grams[n] = A, A.T @ A
