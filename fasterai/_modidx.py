@@ -417,4 +417,6 @@ d = { 'settings': { 'branch': 'main',
                                           'fasterai.misc.bn_folding.module_calls': ( 'bn_folding.html#module_calls',
                                                                                      'fasterai/misc/bn_folding.py'),
                                           'fasterai.misc.bn_folding.read_tensors': ( 'bn_folding.html#read_tensors',
-                                                                                     'fasterai/misc/bn_folding.py')}}}
+                                                                                     'fasterai/misc/bn_folding.py')},
+            'fasterai.testing': { 'fasterai.testing.env_seed': ('testing.html#env_seed', 'fasterai/testing.py'),
+                                  'fasterai.testing.env_threads': ('testing.html#env_threads', 'fasterai/testing.py')}}}

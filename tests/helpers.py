@@ -15,3 +15,9 @@ def same(model, snap):
             and [(n, type(m)) for n, m in model.named_modules()] == types
             and [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
             and [m.training for m in model.modules()] == modes)
+
+
+def rel(a, b):
+    "Relative error of `a` to the reference `b`, both taken to float64."
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

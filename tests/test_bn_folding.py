@@ -4,8 +4,8 @@ import pytest, torch
 from torch import nn
 import torchvision
 from fasterai.misc.bn_folding import *
+from helpers import rel
 
-def rel(a, b): return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 def randomize_bn(model, seed=0):
     "Non-trivial running stats and affine params in every BatchNorm; returns `model` in eval mode."

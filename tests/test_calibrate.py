@@ -6,10 +6,10 @@ from torch import nn
 from hypothesis import given, settings, assume, strategies as st, HealthCheck
 from fasterai.decompose.factorize import *
 from fasterai.decompose.calibrate import *
+from helpers import rel
 
 F64 = torch.float64
 
-def rel(a, b): return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 # ---------------------------------------------------------------- batches
 def test_iter_batches_tensor_and_limits():

@@ -6,11 +6,9 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from fasterai.decompose.all import *
 from fasterai.decompose.blocks import compact_linear_block, linear_block, linear_layers
 from fasterai.decompose.budget import decompose
+from helpers import rel
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

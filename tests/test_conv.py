@@ -9,24 +9,13 @@ from fasterai.decompose.all import *
 from fasterai.decompose.factorize import tucker2, tucker2_weight
 from fasterai.decompose.blocks import METHOD_LAYERS
 from fasterai.decompose.conv import full_ranks, cp_rank_bound
+from helpers import rel
 
 EXACT = ('tucker', 'svd', 'spatial')
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def rel(a, b):
-    "Relative error of `a` to the reference `b`, both taken to float64."
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def full_rank(layer, method, dec=None, **kw):

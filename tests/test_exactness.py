@@ -5,8 +5,8 @@ from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fasterai.decompose.all import *
 from fasterai.decompose.factorize import tucker2, tucker2_weight
+from helpers import rel
 
-def rel(a, b): return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 def full(layer, method, **kw):
     return Conv_Decomposer().decompose(layer, percent_removed=0, method=method, allow_growth=True, verbose=False, **kw)

@@ -5,20 +5,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 import fasterai.decompose.fc as fc_mod
 from fasterai.decompose.all import *
+from helpers import rel
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Tiny tensors: one intra-op thread is many times faster than two on a busy 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def full_rank(layer, dec=None, **kw):

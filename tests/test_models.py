@@ -21,14 +21,6 @@ MODELS = {
 NO_LINEAR_TO_CUT = {'squeezenet1_1'}            # its classifier is a 1×1 conv
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "On a busy 2-core machine one intra-op thread beats two (no spinning workers)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def check_runs(out, x, dec):
     with torch.no_grad(): y = out(x)

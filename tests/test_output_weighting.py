@@ -5,9 +5,9 @@ from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
 from fasterai.decompose.calibrate import output_grams, output_root, apply_rows
+from helpers import rel
 
 
-def rel(a, b): return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def _hidden_directions(conv=False, seed=0):

@@ -5,9 +5,9 @@ from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
 from fasterai.decompose.calibrate import collect_pair_stats, compensated_target
+from helpers import rel
 
 
-def rel(a, b): return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def test_compact_on_a_zero_linear():

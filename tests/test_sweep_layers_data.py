@@ -6,10 +6,9 @@ import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
-from helpers import snapshot, same
+from helpers import snapshot, same, rel
 
 
-def rel(a, b): return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def mlp(): return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -1,0 +1,12 @@
+"Shared fixtures: every test runs with the thread count `make test-threads` asks for (1 by default)."
+import pytest, torch
+from fasterai.testing import env_threads
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _test_threads():
+    "`FASTERAI_TEST_THREADS` intra-op threads (default 1: tiny tensors run many times faster on one thread of a busy 2-core machine)."
+    n = torch.get_num_threads()
+    env_threads(1)
+    yield
+    torch.set_num_threads(n)
