@@ -3,7 +3,7 @@ import pytest, torch, torchvision
 from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
-from fasterai.decompose.calibrate import collect_stats
+from fasterai.decompose.stats import collect_stats
 
 @pytest.mark.parametrize('budget', [0.3, 0.5, 0.7])
 def test_params_budget_hits_target(budget):
@@ -165,7 +165,7 @@ def test_budget_spends_what_coarse_threshold_steps_leave():
 
 
 def test_whitened_spectra_in_groups_match_one_pass():
-    from fasterai.decompose.budget import whitened_spectra
+    from fasterai.decompose.stats import whitened_spectra
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
     calls = [0]

@@ -5,7 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 from hypothesis import given, settings, assume, strategies as st, HealthCheck
 from fasterai.decompose.factorize import *
-from fasterai.decompose.calibrate import *
+from fasterai.decompose.whiten import *
+from fasterai.decompose.batches import *
+from fasterai.decompose.stats import *
+from fasterai.decompose.sensitivity import *
 from helpers import rel
 
 F64 = torch.float64

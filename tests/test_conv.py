@@ -5,10 +5,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from hypothesis import given, settings, strategies as st, HealthCheck
 import fasterai.decompose.conv as conv_mod
+import fasterai.decompose.factorize as factorize_mod
 from fasterai.decompose.all import *
 from fasterai.decompose.factorize import tucker2, tucker2_weight
 from fasterai.decompose.blocks import METHOD_LAYERS
-from fasterai.decompose.conv import full_ranks, cp_rank_bound
+from fasterai.decompose.ranks import full_ranks, cp_rank_bound
 from helpers import rel
 
 EXACT = ('tucker', 'svd', 'spatial')
@@ -735,19 +736,19 @@ def test_failing_sample_run_leaves_model_as_before():
     assert same(model, snap) and not any(m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize('target', ['factorize_conv', 'tucker2'])
-def test_failure_half_way_leaves_model_as_before(monkeypatch, target):
+@pytest.mark.parametrize('mod, target', [(conv_mod, 'factorize_conv'), (factorize_mod, 'tucker2')])
+def test_failure_half_way_leaves_model_as_before(monkeypatch, mod, target):
     torch.manual_seed(0)
     model = nested()
     snap = snapshot(model)
-    real, calls = getattr(conv_mod, target), []
+    real, calls = getattr(mod, target), []
 
     def flaky(*a, **k):
         calls.append(1)
         if len(calls) == 2: raise RuntimeError('boom on the 2nd layer')
         return real(*a, **k)
 
-    monkeypatch.setattr(conv_mod, target, flaky)
+    monkeypatch.setattr(mod, target, flaky)
     with pytest.raises(RuntimeError, match='boom'):
         Conv_Decomposer().decompose(model, inplace=True, verbose=False)
     assert len(calls) == 2

@@ -4,7 +4,8 @@ import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
-from fasterai.decompose.calibrate import output_grams, output_root, apply_rows
+from fasterai.decompose.whiten import apply_rows
+from fasterai.decompose.sensitivity import output_grams, output_root
 from helpers import rel
 
 

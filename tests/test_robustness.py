@@ -4,7 +4,7 @@ import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
-from fasterai.decompose.calibrate import collect_pair_stats, compensated_target
+from fasterai.decompose.stats import collect_pair_stats, compensated_target
 from helpers import rel
 
 
@@ -260,6 +260,6 @@ def test_energy_threshold_one_keeps_the_small_tail():
     assert d.report.ranks[0] == (64,)
     x = torch.randn(8, 64)
     assert rel(n(x), m(x)) < 1e-5
-    from fasterai.decompose.conv import spectrum
+    from fasterai.decompose.factorize import spectrum
     s = spectrum(m[0].weight.detach())
     assert (s > 0).all() and torch.allclose(s, torch.linalg.svdvals(m[0].weight.detach().double()), rtol=1e-6)

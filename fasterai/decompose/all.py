@@ -15,13 +15,16 @@ from .factorize import *
 from .ranks import *
 from .blocks import *
 from .core import *
+from .checkpoint import *
 from .conv import *
 from .fc import *
 from .budget import decompose
 from .learner import *
 from ..misc.bn_folding import BN_Folder
 from .report import plot_report
-from .calibrate import output_grams, collect_stats, whitened_lowrank
+from .whiten import whitened_lowrank
+from .stats import collect_stats
+from .sensitivity import output_grams
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',

@@ -11,8 +11,9 @@ import torch
 import numpy as np
 
 # %% auto #0
-__all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'tucker2',
-           'tucker2_weight', 'cp_als', 'cp_factors', 'cp_weight']
+__all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'subspace_change',
+           'tucker2', 'tucker2_weight', 'cp_als', 'cp_factors', 'cp_weight', 'mode_matrices', 'spectrum',
+           'factorize_conv']
 
 # %% ../../nbs/00_factorize.ipynb #c005
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -102,7 +103,7 @@ def spatial_svd(W: torch.Tensor, r: int, groups: int = 1):
     return torch.cat(verts), torch.cat(hors), svals
 
 # %% ../../nbs/00_factorize.ipynb #c019
-def _subspace_change(U_new, U_old):
+def subspace_change(U_new, U_old):
     "0 when two orthonormal bases span the same subspace, up to 1 when orthogonal."
     r = U_new.shape[1]
     return float(1 - (U_new.T @ U_old).pow(2).sum() / max(r, 1))
@@ -138,7 +139,7 @@ def tucker2(W: torch.Tensor, r_out: int, r_in: int, n_iter: int = 10, tol: float
             Z = (Wb @ U_out).reshape(Sg, K * r_out)
             U_new, s = leading_subspace(Z, r_in)
             err = _rel_err(norm2, s, r_in)
-            done = err_out - err < tol or _subspace_change(U_new, U_in) < tol
+            done = err_out - err < tol or subspace_change(U_new, U_in) < tol
             U_in = U_new
             if done or full_out: break
         if Z is None: Z = (Wb @ U_out).reshape(Sg, K * r_out)
@@ -221,3 +222,43 @@ def cp_weight(facs):
     "Rebuild the tensor from CP factors."
     letters = 'abcdefgh'[:len(facs)]
     return torch.einsum(','.join(f'{l}z' for l in letters) + '->' + letters, *facs)
+
+# %% ../../nbs/00_factorize.ipynb #c027
+def mode_matrices(W, method, groups=1):
+    "Per rank slot, the matrices (one per group) whose spectra set that slot's rank."
+    T, Sg, *k = W.shape
+    Wg = W.reshape(groups, T // groups, Sg, -1)
+    if method == 'tucker': return [[w.reshape(w.shape[0], -1) for w in Wg], [w.transpose(0, 1).reshape(Sg, -1) for w in Wg]]
+    if method == 'svd': return [[w.reshape(w.shape[0], -1) for w in Wg]]
+    if method == 'spatial':
+        return [[w.reshape(-1, Sg, *k).permute(1, 2, 0, 3).reshape(Sg * k[0], -1) for w in Wg]]
+    return [[W.reshape(T, -1)]]
+
+def spectrum(M):
+    """Singular values of `M`, from the Gram of its smaller side; in float64 unless that Gram costs over 2³⁰ multiply-adds
+    (a float32 Gram loses the singular values below ~3e-4·σ₁, which `energy_threshold` near 1 needs)."""
+    M = M if M.shape[0] <= M.shape[1] else M.T
+    if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
+    return leading_subspace(M, 0)[1]
+
+# %% ../../nbs/00_factorize.ipynb #c029
+def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
+    "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
+    T = W.shape[0]
+    if method == 'tucker':
+        core, Uo, Ui, info = tucker2(W, ranks[0], ranks[1], n_iter=n_iter, tol=tol, groups=groups)
+        return (core, Uo, Ui), tucker2_weight(core, Uo, Ui, groups)
+    if method == 'svd':
+        first, second, _ = channel_svd(W, ranks[0], groups)
+        r = ranks[0]
+        Wh = torch.cat([s.reshape(T // groups, r) @ f.reshape(r, -1) for s, f in
+                        zip(second.reshape(groups, -1, r), first.reshape(groups, r, -1))]).reshape(W.shape)
+        return (first, second), Wh
+    if method == 'spatial':
+        vert, hor, _ = spatial_svd(W, ranks[0], groups)
+        r = ranks[0]
+        Wh = torch.cat([torch.einsum('rsi,trj->tsij', v[..., 0], h[:, :, 0]) for v, h in
+                        zip(vert.reshape(groups, r, *vert.shape[1:]), hor.reshape(groups, T // groups, r, *hor.shape[2:]))])
+        return (vert, hor), Wh
+    facs, _ = cp_factors(W, ranks[0], n_iter=cp_iter)
+    return (facs,), cp_weight(facs)
