@@ -5,7 +5,7 @@ and checks only what it returns, not which is faster."""
 import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
-from fasterai.decompose import core
+from fasterai.decompose.core import Decomposer
 from helpers import snapshot, same
 
 
@@ -17,7 +17,7 @@ def cnn():
 
 
 def fake_timer(ms):
-    "A `time_pair` that returns `ms(layer, block)` and records the input shapes it was given."
+    "A stand-in for `Decomposer.timer` (`time_pair`) that returns `ms(layer, block)` and records the input shapes it was given."
     seen = []
     def f(a, b, x, *args, **kwargs):
         seen.append((a, tuple(x.shape), x.dtype))
@@ -31,7 +31,7 @@ def test_slower_blocks_are_left_dense(monkeypatch, method):
     m = cnn()
     snap = snapshot(m)
     timer = fake_timer(lambda a, b: (1.0, 2.0))                     # every block twice as slow as its layer
-    monkeypatch.setattr(core, 'time_pair', timer)
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
     d = Conv_Decomposer()
     out = d.decompose(m, method=method, percent_removed=0.75, input_shape=(2, 3, 16, 16), min_speedup=1.0, cp_iter=5, verbose=False)
     rep = d.report
@@ -49,7 +49,7 @@ def test_slower_blocks_are_left_dense(monkeypatch, method):
 
 def test_faster_blocks_are_kept_and_the_margin_counts(monkeypatch):
     m = cnn()
-    monkeypatch.setattr(core, 'time_pair', fake_timer(lambda a, b: (1.2, 1.0)))   # 1.2× faster
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(fake_timer(lambda a, b: (1.2, 1.0))))   # 1.2× faster
     kept, margin = Conv_Decomposer(), Conv_Decomposer()
     out = kept.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), min_speedup=1.0, verbose=False)
     assert (kept.report.status == 'decomposed').sum() >= 2 and kept.report.reason.isna().all()
@@ -63,7 +63,7 @@ def test_faster_blocks_are_kept_and_the_margin_counts(monkeypatch):
 def test_only_the_slow_layers_are_refused(monkeypatch):
     m = cnn()
     def ms(layer, block): return (1.0, 2.0) if layer.in_channels == 3 else (2.0, 1.0)   # the stem's block is slower
-    monkeypatch.setattr(core, 'time_pair', fake_timer(ms))
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(fake_timer(ms)))
     d = Conv_Decomposer()
     out = d.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), min_speedup=1.0, verbose=False)
     st = d.report.set_index('name').status
@@ -75,7 +75,7 @@ def test_fc_with_data_times_at_the_token_shape(monkeypatch):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32))
     timer = fake_timer(lambda a, b: (1.0, 0.5))
-    monkeypatch.setattr(core, 'time_pair', timer)
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
     d = FC_Decomposer()
     data = [torch.randn(4, 7, 32) for _ in range(2)]
     out = d.decompose(m, percent_removed=0.6, data=data, min_speedup=1.0, verbose=False)
@@ -113,7 +113,7 @@ def test_real_timer_fills_the_report():
 def test_learner_decompose_passes_min_speedup(monkeypatch):
     from fastai.learner import Learner
     from fasterai.data.digits import digits_dls, digits_cnn
-    monkeypatch.setattr(core, 'time_pair', fake_timer(lambda a, b: (1.0, 2.0)))
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(fake_timer(lambda a, b: (1.0, 2.0))))
     learn = Learner(digits_dls(seed=0), digits_cnn(), loss_func=nn.CrossEntropyLoss())
     rep = learn.decompose(min_speedup=1.0, progress=False, n_batches=1)
     timed = rep[rep.ms_before.notna()]
@@ -124,7 +124,7 @@ def test_learner_decompose_passes_min_speedup(monkeypatch):
 def test_budget_passes_min_speedup_and_says_what_it_cost(monkeypatch):
     from fasterai.decompose.budget import decompose
     m = cnn()
-    monkeypatch.setattr(core, 'time_pair', fake_timer(lambda a, b: (1.0, 2.0) if isinstance(a, nn.Conv2d) else (2.0, 1.0)))
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(fake_timer(lambda a, b: (1.0, 2.0) if isinstance(a, nn.Conv2d) else (2.0, 1.0))))
     with pytest.warns(UserWarning, match='min_speedup left .* planned layer'):
         out = decompose(m, budget=0.5, input_shape=(1, 3, 16, 16), min_speedup=1.0, verbose=False)
     rep = decompose.report

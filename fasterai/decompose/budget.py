@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 
 # %% ../../nbs/12_budget.ipynb #c003
 from __future__ import annotations
-import math, warnings
+import functools, inspect, math, warnings
 import torch
 import pandas as pd
 from torch import nn
@@ -22,7 +22,9 @@ from .conv import *
 from .fc import *
 
 # %% auto #0
-__all__ = ['LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'decompose']
+__all__ = ['decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args', 'budget_candidates',
+           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
+           'finish_budget', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 class LayerPlan:
@@ -130,8 +132,9 @@ def dense_macs(m, in_shape, calls=None, batch=None):
     if isinstance(m, nn.Linear): return m.weight.numel() * linear_positions(in_shape)
     return layer_macs(m, tuple(in_shape[2:])) if in_shape else None
 
-def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None, exclude=None, compact=False,
-                skipped: list | None = None, calls: dict | None = None, batch: int | None = None):
+def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None,
+                exclude=None, compact=False, skipped: list | None = None, calls: dict | None = None,
+                batch: int | None = None):
     """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a list) gets (name, layer, reason)
     of the others. `calls` (name → the input shapes of every call, see `call_shapes`) counts the MACs of every call."""
     calls = calls or {}
@@ -165,28 +168,137 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
                 fixed += dense_macs(m, (shapes or {}).get(name), calls.get(name), batch) or 0
     return plans, fixed
 
-# %% ../../nbs/12_budget.ipynb #c008
-def _passed_on():
-    "Keywords `decompose` hands to the decomposers."
-    import inspect
-    names = set()
-    for f in (Conv_Decomposer.decompose, FC_Decomposer.decompose): names |= set(inspect.signature(f).parameters)
-    return frozenset(names - {'self', 'model', 'percent_removed', 'energy_threshold', 'layers', 'exclude', 'ranks', 'rank', 'calibration',
-                              'method', 'inplace', 'input_shape', 'verbose'})
-_PASSED_ON = _passed_on()
+# %% ../../nbs/12_budget.ipynb #c009
+_RANK_ARGS = ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration')
+
+def check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact, refused: dict):
+    "Raise an error naming the argument unless the arguments of `decompose` are valid; `refused` are the extra keywords."
+    check_model(model)
+    check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
+    if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
+    if method not in ('svd', 'tucker', 'spatial'):
+        raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
+    if budget_on == 'macs' and input_shape is None and data is None:
+        raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) or data= to count MACs")
+    given = [k for k in _RANK_ARGS if k in refused]
+    if given: raise ValueError(f'decompose() chooses every rank from budget=, so it takes no {" or ".join(given)}; '
+                               'for ranks of your own use Conv_Decomposer / FC_Decomposer')
+    if refused: raise TypeError(f'decompose() got unexpected keyword argument(s) {sorted(refused)}')
+    check_input_shape(input_shape)
+    if data is not None and not (isinstance(n_batches, int) and not isinstance(n_batches, bool) and n_batches >= 1):
+        raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
+    if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
+
+def budget_candidates(model, conv: bool, fc: bool, layers, exclude) -> dict:
+    "Name → layer for every candidate of the conv and Linear decomposers that `conv` and `fc` turn on."
+    cands = {}
+    for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
+        cands.update(dec.candidates(model, layers, exclude)[0])
+    return cands
+
+def probe_shapes(model, cands: dict, input_shape, data, budget_on):
+    "The input shapes of every call of each candidate, and the sample's batch size (`input_shape` first: MACs count it)."
+    data = data if input_shape is None else None
+    calls = check_runs(model, data, input_shape, cands, every=True)
+    batch = sample_runner(model, input_shape, data).batch if input_shape is not None or data is not None else None
+    unseen = [n for n in cands if n not in calls]
+    if budget_on == 'macs' and unseen:
+        warnings.warn(f'{len(unseen)} candidate layer(s) were not called as modules on this input ({", ".join(unseen[:3])}'
+                      f'{", ..." if len(unseen) > 3 else ""}): a dead branch, or an owner that runs their weight itself '
+                      '(F.linear); their MACs are unknown here and counted as one position per sample')
+    return calls, batch
+
+def layer_sensitivities(model, data, cands: dict, grams, sensitivity: bool, auto: bool, n_batches: int):
+    """(output Grams or the `output_grams` argument, sensitivity per layer or None); one calibration pass of probes
+    serves both. When `sensitivity` was not asked for (`auto`), a model the probes cannot follow falls back to
+    energy shares with a warning."""
+    sens = None
+    try:
+        if isinstance(grams, str) and grams == 'auto' and data is not None:
+            grams = output_grams(model, data, cands, min(n_batches, 8))
+            if sensitivity: sens = {n: gram_mean(g) for n, g in grams.items()}
+        elif sensitivity: sens = output_sensitivity(model, data, cands, min(n_batches, 4))
+    except TypeError as e:
+        if not auto: raise
+        warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
+        grams, sens = None, None
+    return grams, sens
+
+_DEAD = ('sensitivity 0: its output never reached the model output that calibration follows (a dead branch, or '
+         'another output such as a pooler); left dense')
+
+def weigh_plans(plans, fixed, sens, skipped):
+    """Plans left after dropping the layers of sensitivity 0 (into `skipped`, their cost into `fixed`), with energies
+    weighed by sensitivity and scaled to sum to 1; and the new `fixed`."""
+    if sens is None: return plans, fixed
+    for p in plans:
+        if sens.get(p.name, 0) > 0: continue
+        skipped.append((p.name, p.layer, _DEAD)); fixed += p.dense   # no measure of its error, so no cut
+    plans = [p for p in plans if sens.get(p.name, 0) > 0]
+    for p in plans: p.weigh(sens[p.name])
+    scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
+    for p in plans: p.energy = [e / scale for e in p.energy]
+    return plans, fixed
+
+def check_plans(model, plans, skipped):
+    "Raise a ValueError saying why when no layer of the model can be decomposed."
+    if plans: return
+    done = sum(isinstance(m, LowRankBlock) for m in model.modules())
+    why = [f'{n}: {r}' for n, _, r in skipped][:5]
+    raise ValueError('no layer of the model can be decomposed'
+                     + (f' ({done} layer(s) are already decomposed blocks)' if done else '')
+                     + (f"; e.g. {'; '.join(why)}" if why else ''))
+
+def warn_allocation(cost, budget, total, fixed, n_plans, budget_on):
+    "Warn when the allocation lands more than 1% of the total away from `budget`."
+    if cost > budget * total + 0.01 * total:
+        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: with every eligible layer at its lowest rank '
+                      f'the model keeps {cost / total:.1%} (the {n_plans} eligible layer(s) hold '
+                      f'{1 - fixed / total:.1%} of the {budget_on}, and a rank-1 block still costs something). '
+                      f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
+    elif cost < budget * total - 0.01 * total:
+        warnings.warn(f'budget={budget} of the {budget_on}: the closest allocation found keeps {cost / total:.1%}; one '
+                      'more rank in any layer would go over the target (few, large layers make coarse steps)')
+
+def run_decomposers(model, plans, chosen: dict, method, conv_args: dict, fc_args: dict):
+    "The model with the `chosen` ranks applied by both decomposers (on a copy), and their reports."
+    out, reports = model, []
+    conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
+    fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
+    if conv_names:
+        d = Conv_Decomposer()
+        out = d.decompose(out, method=method, layers=conv_names, ranks={n: chosen[n] for n in conv_names},
+                          inplace=False, verbose=False, **conv_args)
+        reports.append(d.report)
+    if fc_names:
+        d = FC_Decomposer()
+        out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names}, inplace=out is not model,
+                          verbose=False, **fc_args)
+        reports.append(d.report)
+    return out, reports
+
+def finish_budget(model, out, reports, inplace: bool):
+    "The result: a copy when nothing was decomposed (the caller's model when `inplace`), else the blocks swapped in."
+    if out is model: return model if inplace else safe_deepcopy(model)
+    if not inplace: return out
+    done = [n for r in reports for n in r.name[r.status == 'decomposed']]
+    orig = dict(model.named_modules(remove_duplicate=False))
+    return swap(model, [(orig[n], out.get_submodule(n)) for n in done])
 
 def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude, calls=None, batch=None):
     "The decomposers' rows, plus one row per candidate layer left as it was (and why), in the model's order."
-    import pandas as pd
     def row(name, m, reason, method=None):
         pb, mb = n_params(m), dense_macs(m, shapes.get(name), (calls or {}).get(name), batch)
-        return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb, macs_before=mb, macs_after=mb,
-                    status='skipped', reason=reason)
+        return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb,
+                    macs_before=mb, macs_after=mb, status='skipped', reason=reason)
+    def kept(n, b):
+        return dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks, params_before=n_params(b),
+                    params_after=n_params(b), status='skipped', reason='already decomposed')
+    dense = 'kept dense by the budget allocation (other layers were cheaper to cut)'
     extra = [row(n, m, why) for n, m, why in skipped]
-    extra += [row(p.name, p.layer, 'kept dense by the budget allocation (other layers were cheaper to cut)', p.method) for p in plans if p.name not in chosen]
+    extra += [row(p.name, p.layer, dense, p.method) for p in plans if p.name not in chosen]
     for dec, on in zip((Conv_Decomposer(), FC_Decomposer()), which):
-        if on: extra += [dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks, params_before=n_params(b), params_after=n_params(b),
-                              status='skipped', reason='already decomposed') for n, b in dec.candidates(model, layers, exclude)[1]]
+        if on: extra += [kept(n, b) for n, b in dec.candidates(model, layers, exclude)[1]]
     frames = [r for r in reports if len(r)] + ([pd.DataFrame(extra, columns=REPORT_COLUMNS)] if extra else [])
     if not frames: return pd.DataFrame(columns=REPORT_COLUMNS)
     rep = pd.concat(frames, ignore_index=True).astype({'reason': object, 'status': object, 'method': object})
@@ -195,118 +307,108 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
     rep = rep.drop_duplicates('name').sort_values('name', key=lambda c: c.map(lambda n: order.get(n, len(order))), kind='stable')
     return rep.reset_index(drop=True)
 
-@allow_autograd
-@with_conv1d(lambda a, f: (lambda: f.__globals__['decompose'].report, lambda r: setattr(f.__globals__['decompose'], 'report', r)))
-def decompose(model: nn.Module, budget: float = 0.5, budget_on: str = 'params', method: str = 'svd', conv: bool = True,
-              fc: bool = True, layers=None, exclude=None, *, input_shape=None, sensitivity: bool | None = None, inplace: bool = False,
-              verbose: bool = True, **kwargs):
-    """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of its parameters
-    (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
-    (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware;
-    `sensitivity` (default: on when `data` is given) weighs each layer's spectrum by how much its output error
-    moves the model's output; with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each layer's
-    output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the factors. Returns the new model;
-    `decompose.report` holds the per-layer rows (with output weighting, `predicted_error` and `output_error` are in the weighted norm)."""
-    check_model(model)
-    check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
-    if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
-    if method not in ('svd', 'tucker', 'spatial'): raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
-    if budget_on == 'macs' and input_shape is None and kwargs.get('data') is None:
-        raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) or data= to count MACs")
-    given = [k for k in ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration') if k in kwargs]
-    if given: raise ValueError(f'decompose() chooses every rank from budget=, so it takes no {" or ".join(given)}; '
-                               'for ranks of your own use Conv_Decomposer / FC_Decomposer')
-    unknown = sorted(set(kwargs) - _PASSED_ON)
-    if unknown: raise TypeError(f'decompose() got unexpected keyword argument(s) {unknown}; it also takes {sorted(_PASSED_ON)}')
-    check_input_shape(input_shape)
-    nb = kwargs.get('n_batches', 8)
-    if kwargs.get('data') is not None and not (isinstance(nb, int) and not isinstance(nb, bool) and nb >= 1):
-        raise ValueError(f'n_batches must be an int >= 1, got {nb!r}')
-    cands = {}
-    for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
-        cands.update(dec.candidates(model, layers, exclude)[0])
-    data = kwargs.get('data')
-    calls = check_runs(model, data if input_shape is None else None, input_shape, cands, every=True)   # input_shape first: it is what MACs count
-    shapes = {n: s[0] for n, s in calls.items()}
-    batch = getattr(sample_runner(model, input_shape, data if input_shape is None else None), 'batch', None)
-    unseen = [n for n in cands if n not in calls]
-    if budget_on == 'macs' and unseen:
-        warnings.warn(f'{len(unseen)} candidate layer(s) were not called as modules on this input ({", ".join(unseen[:3])}'
-                      f'{", ..." if len(unseen) > 3 else ""}): a dead branch, or an owner that runs their weight itself '
-                      '(F.linear); their MACs are unknown here and counted as one position per sample')
-    auto = sensitivity is None
-    if auto: sensitivity = data is not None
-    if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
-    og = kwargs.pop('output_grams', 'auto' if sensitivity else None)
-    compact = kwargs.pop('compact', False)
-    if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
-    n_batches = kwargs.get('n_batches', 8) or 8
-    sens = None
-    try:                                                # one calibration pass of probes serves both
-        if isinstance(og, str) and og == 'auto' and data is not None:
-            og = output_grams(model, data, cands, min(n_batches, 8))
-            if sensitivity: sens = {n: gram_mean(g) for n, g in og.items()}
-        elif sensitivity: sens = output_sensitivity(model, data, cands, min(n_batches, 4))
-    except TypeError as e:
-        if not auto: raise
-        warnings.warn(f'{e}; ranks are allocated on energy shares (sensitivity=False)')
-        og, sens = None, None
-    roots = layer_out_roots(og, model, data, n_batches, cands)
-    spectra_fn = whitened_spectra(model, data, n_batches, method, cands, check_shrinkage(kwargs.get('shrinkage', 'auto')), roots) if data is not None else None
-    skipped = []
-    plans, fixed = plan_layers(model, method, budget_on, conv, fc, shapes, spectra_fn, layers, exclude, compact, skipped, calls, batch)
-    spectra_fn = None                                   # its cached spectra and any moments it still holds go
-    if sens is not None:                                # a layer the followed output never reads: no measure of its error, so no cut
-        for p in [p for p in plans if not sens.get(p.name, 0) > 0]:
-            skipped.append((p.name, p.layer, 'sensitivity 0: its output never reached the model output that calibration follows '
-                                             '(a dead branch, or another output such as a pooler); left dense'))
-            fixed += p.dense
-        plans = [p for p in plans if sens.get(p.name, 0) > 0]
-    if not plans:
-        done = sum(isinstance(m, LowRankBlock) for m in model.modules())
-        why = [f'{n}: {r}' for n, _, r in skipped][:5]
-        raise ValueError('no layer of the model can be decomposed' + (f' ({done} layer(s) are already decomposed blocks)' if done else '')
-                         + (f"; e.g. {'; '.join(why)}" if why else ''))
-    if sens is not None:
-        for p in plans: p.weigh(sens[p.name])
-        scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
-        for p in plans: p.energy = [e / scale for e in p.energy]
-    total_all = fixed + sum(p.dense for p in plans)
-    ranks, cost, _ = allocate(plans, budget * total_all, fixed)
-    if cost > budget * total_all + 0.01 * total_all:
-        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: with every eligible layer at its lowest rank the model keeps '
-                      f'{cost / total_all:.1%} (the {len(plans)} eligible layer(s) hold {1 - fixed / total_all:.1%} of the {budget_on}, '
-                      f'and a rank-1 block still costs something). '
-                      f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
-    elif cost < budget * total_all - 0.01 * total_all:
-        warnings.warn(f'budget={budget} of the {budget_on}: the closest allocation found keeps {cost / total_all:.1%}; one more rank '
-                      f'in any layer would go over the target (few, large layers make coarse steps)')
-    chosen = {n: r for n, r in ranks.items() if r is not None}
-    out, reports = model, []                  # both passes work on a copy; an in-place caller gets the blocks only at the end
-    conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
-    fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
-    if conv_names:
-        d = Conv_Decomposer()
-        out = d.decompose(out, method=method, layers=conv_names, ranks={n: chosen[n] for n in conv_names},
-                          inplace=False, input_shape=input_shape, output_grams=og, verbose=False, **kwargs)
-        reports.append(d.report)
-    if fc_names:
-        d = FC_Decomposer()
-        out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
-                          inplace=out is not model, input_shape=input_shape, output_grams=og, compact=compact, verbose=False, **kwargs)
-        reports.append(d.report)
-    if out is model: out = model if inplace else safe_deepcopy(model)     # nothing decomposed: never the caller's object unless inplace
-    elif inplace:                                                          # everything worked: now swap the blocks into the caller's model
-        done = [n for r in reports for n in r.name[r.status == 'decomposed']]
-        orig = dict(model.named_modules(remove_duplicate=False))
-        out = swap(model, [(orig[n], out.get_submodule(n)) for n in done])
-    decompose.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude, calls, batch)
-    slow = sum(int(r.reason.astype(str).str.startswith(SLOWER).sum()) for r in reports)
-    if slow: warnings.warn(f'min_speedup left {slow} planned layer(s) dense (their blocks were not faster than the layers on this '
-                           f'machine): the model keeps more than the planned {cost / total_all:.1%} of the {budget_on}')
-    if verbose:
-        before = total_all
-        after = n_params(out) if budget_on == 'params' else None
-        print(f'decompose: {len(chosen)} of {len(plans)} eligible layers decomposed; planned {budget_on} '
-              f'{int(before):,} → {int(cost):,} ({cost / before:.1%}, target {budget:.0%})')
-    return out
+# %% ../../nbs/12_budget.ipynb #c011
+class Budget_Decomposer:
+    "Spread a parameter or MAC budget over every eligible Conv and Linear of a model; the report is in `self.report`."
+    report: pd.DataFrame = None
+
+    @allow_autograd
+    @with_conv1d
+    def decompose(self, model: nn.Module,
+                  budget: float = 0.5,           # the fraction of the params (or MACs) to keep
+                  budget_on: str = 'params',     # 'params', or 'macs' (needs `input_shape` or `data`)
+                  method: str = 'svd',           # how convs are factored: 'svd', 'tucker' or 'spatial'
+                  conv: bool = True,             # decompose the convs
+                  fc: bool = True,               # decompose the Linears
+                  layers=None,                   # only these modules (names; a module stands for what it holds)
+                  exclude=None,                  # not these modules
+                  *,
+                  input_shape=None,              # a sample input shape, for MACs and the check that the result runs
+                  sensitivity: bool | None = None,  # weigh layers by output sensitivity (default: when `data` is given)
+                  inplace: bool = False,         # swap the blocks into `model` itself
+                  verbose: bool = True,          # print a one-line summary
+                  data=None,                     # calibration batches: data-aware ranks and factors
+                  n_batches: int = 8,            # how many batches of `data` to read
+                  output_grams='sensitivity',    # 'auto', None or a dict; default: 'auto' when `sensitivity` is on
+                  compact: bool = False,         # store each Linear block's second layer as a `CompactLinear`
+                  shrinkage='auto',              # shrinkage of the input moments (see `InputStats.estimate`)
+                  sequential: bool = True,       # gather statistics from the partly decomposed model
+                  compensate: bool = False,      # fit each layer to the original model's outputs
+                  allow_growth: bool = False,    # passed on to the decomposers
+                  n_iter: int = 10,              # HOOI iterations (Tucker)
+                  tol: float = 1e-4,             # HOOI tolerance (Tucker)
+                  cp_iter: int = 50,             # passed on to `Conv_Decomposer` (the budget takes no 'cp')
+                  min_speedup: float | None = None,  # keep a block only when it is this much faster than its layer
+                  **refused) -> nn.Module:       # rank arguments of the decomposers: refused with a pointer to them
+        """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of its parameters
+        (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
+        (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware;
+        `sensitivity` (default: on when `data` is given) weighs each layer's spectrum by how much its output error
+        moves the model's output; with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each
+        layer's output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the factors. Returns
+        the new model; `self.report` holds the per-layer rows (with output weighting, `predicted_error` and
+        `output_error` are in the weighted norm)."""
+        check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact, refused)
+        cands = budget_candidates(model, conv, fc, layers, exclude)
+        calls, batch = probe_shapes(model, cands, input_shape, data, budget_on)
+        shapes = {n: s[0] for n, s in calls.items()}
+        auto = sensitivity is None
+        if auto: sensitivity = data is not None
+        if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
+        if isinstance(output_grams, str) and output_grams == 'sensitivity': output_grams = 'auto' if sensitivity else None
+        nb = n_batches or 8
+        grams, sens = layer_sensitivities(model, data, cands, output_grams, sensitivity, auto, nb)
+        roots = layer_out_roots(grams, model, data, nb, cands)
+        spectra_fn = None
+        if data is not None: spectra_fn = whitened_spectra(model, data, nb, method, cands, check_shrinkage(shrinkage), roots)
+        skipped = []
+        plans, fixed = plan_layers(model, method=method, on=budget_on, conv=conv, fc=fc, shapes=shapes,
+                                   spectra_fn=spectra_fn, layers=layers, exclude=exclude, compact=compact,
+                                   skipped=skipped, calls=calls, batch=batch)
+        spectra_fn = None                                   # its cached spectra and any moments it still holds go
+        plans, fixed = weigh_plans(plans, fixed, sens, skipped)
+        check_plans(model, plans, skipped)
+        total = fixed + sum(p.dense for p in plans)
+        ranks, cost, _ = allocate(plans, budget * total, fixed)
+        warn_allocation(cost, budget, total, fixed, len(plans), budget_on)
+        chosen = {n: r for n, r in ranks.items() if r is not None}
+        passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches, sequential=sequential,
+                      compensate=compensate, shrinkage=shrinkage, allow_growth=allow_growth, min_speedup=min_speedup)
+        conv_args = dict(passed, n_iter=n_iter, tol=tol, cp_iter=cp_iter)
+        out, reports = run_decomposers(model, plans, chosen, method, conv_args, dict(passed, compact=compact))
+        out = finish_budget(model, out, reports, inplace)
+        self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude,
+                                     calls, batch)
+        self._summarize(reports, len(chosen), len(plans), cost, total, budget, budget_on, verbose)
+        return out
+
+    def _summarize(self, reports, n_chosen, n_plans, cost, total, budget, budget_on, verbose):
+        "Warn when `min_speedup` left planned layers dense; print the plan when `verbose`."
+        slow = sum(int(r.reason.astype(str).str.startswith(SLOWER).sum()) for r in reports)
+        if slow: warnings.warn(f'min_speedup left {slow} planned layer(s) dense (their blocks were not faster than the '
+                               f'layers on this machine): the model keeps more than the planned {cost / total:.1%} of '
+                               f'the {budget_on}')
+        if not verbose: return
+        print(f'decompose: {n_chosen} of {n_plans} eligible layers decomposed; planned {budget_on} '
+              f'{int(total):,} → {int(cost):,} ({cost / total:.1%}, target {budget:.0%})')
+
+# %% ../../nbs/12_budget.ipynb #c012
+class _Decompose:
+    "`decompose(model, budget=0.5, ...)` runs `Budget_Decomposer().decompose`; its `report` is deprecated."
+    def __init__(self): self._report = None
+    def __call__(self, model: nn.Module, *args, **kwargs) -> nn.Module:
+        d = Budget_Decomposer()
+        out = d.decompose(model, *args, **kwargs)
+        self._report = d.report
+        return out
+
+    @property
+    def report(self) -> pd.DataFrame:
+        "The report of the last call (deprecated: shared by every caller; use `Budget_Decomposer().report`)."
+        warnings.warn('decompose.report is deprecated (the last call of anyone): use d = Budget_Decomposer(); '
+                      'd.decompose(model, ...); d.report', DeprecationWarning, stacklevel=2)
+        return self._report
+
+decompose = functools.update_wrapper(_Decompose(), Budget_Decomposer.decompose, updated=())
+decompose.__signature__ = inspect.signature(Budget_Decomposer.decompose).replace(
+    parameters=list(inspect.signature(Budget_Decomposer.decompose).parameters.values())[1:])

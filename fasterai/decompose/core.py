@@ -84,12 +84,42 @@ def check_min_speedup(min_speedup, input_shape=None, data=None):
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after',
                   'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before', 'ms_after', 'status', 'reason']
 
+def _done_row(name, b) -> dict:
+    "The report row of a block made by an earlier pass."
+    return dict(name=name, type=type(b).__name__, method=b.method, ranks=b.ranks, status='skipped',
+                reason='already decomposed', params_before=n_params(b), params_after=n_params(b))
+
+def _fill_costs(row, m, block, shapes, batch):
+    "Status, params after and MACs of a planned row: per sample with every call counted, and as before when left dense."
+    if counts_rows(shapes, batch) and row.get('macs_before') is not None:
+        row['macs_before'] = forward_macs(m, m, shapes, batch)
+        if block is not None: row['macs_after'] = forward_macs(m, block, shapes, batch)
+    row['status'] = 'decomposed' if block is not None else 'skipped'
+    row['params_after'] = n_params(block) if block is not None else row['params_before']
+    if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # the reason says what it would cost
+
+def _check_result_runs(work, sample):
+    "Raise a RuntimeError saying why when the decomposed model does not run on the sample input."
+    try:
+        with eval_mode(work): sample(work)
+    except Exception as e:
+        raise RuntimeError(f'the decomposed model does not run ({type(e).__name__}: {e}); the model you passed is '
+                           'unchanged. Code outside a layer may read its attributes directly (e.g. `.weight`): leave '
+                           'that layer out with exclude=') from e
+
+def _swap_in(model, swaps):
+    "Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at the same names."
+    orig = dict(model.named_modules())
+    return swap(model, [(orig[n], b) for n, b in swaps])
+
 class Decomposer:
     "Base class: walk, select, plan each layer, swap atomically, report."
     kinds: tuple = ()
     block_type: type = LowRankBlock
     label = 'Decomposer'
     report: pd.DataFrame = None
+    after_layer = None                  # called as after_layer(name, layer, block or None, work model) per candidate
+    timer = staticmethod(time_pair)     # (layer, block, x) -> (ms, ms): how `min_speedup` times a block
     _ranks_keys, _ranks_alias = (), {}
 
     def explicit_rank(self, ranks: dict, name: str):
@@ -118,65 +148,64 @@ class Decomposer:
             if isinstance(m, self.kinds): out.append((name, m))
         return out, [(n, b) for n, b in blocks if isinstance(b, self.block_type)]
 
-    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None, verbose=True, after_layer=None,
-            min_speedup=None):
-        """Decompose `model` with `plan_layer(name, module, in_shape) -> (block | None, row)`; returns the new model.
-        Work happens on a copy; each block is swapped into the copy as soon as it is made (so `after_layer`
-        hooks see the partly decomposed model), and only a complete, checked result reaches an in-place caller.
+    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None, verbose=True,
+            after_layer=None, min_speedup=None):
+        """Decompose `model` with `plan_layer(name, module, in_shape, work) -> (block | None, row)` (`work` the partly
+        decomposed copy); returns the new model. Work happens on a copy; each block is swapped into the copy as soon as
+        it is made, so `after_layer(name, module, block or None, work)` (given here, or set on the decomposer) sees the
+        partly decomposed model after each candidate; only a complete, checked result reaches an in-place caller.
         With `min_speedup`, each block is timed against its layer at the layer's input shape (see `slower_reason`)."""
         check_model(model)
         if not isinstance(inplace, bool): raise TypeError(f'inplace must be True or False, got {inplace!r}')
+        after_layer = after_layer or self.after_layer
         work = safe_deepcopy(model)
         cands, done = self.candidates(work, layers, exclude)
         owners, shared = find_owners(work), shared_params(work)
         calls = call_shapes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
-        shapes = {n: s[0] for n, s in calls.items()}
-        rows, swaps, batch = [], [], getattr(sample, 'batch', None)
-        for name, b in done:
-            rows.append(dict(name=name, type=type(b).__name__, method=b.method, ranks=b.ranks, status='skipped',
-                             reason='already decomposed', params_before=n_params(b), params_after=n_params(b)))
+        ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None), min_speedup=min_speedup)
+        rows, swaps = [_done_row(n, b) for n, b in done], []
         for name, m in cands:
-            base = next(k for k in self.kinds if isinstance(m, k))
-            row = dict(name=name, type=type(m).__name__, params_before=n_params(m))
-            reason = skip_reason(m, base, owners, shared)
-            if reason is None and name not in self._ranks_keys:     # explicit ranks may name any alias
-                alias = next((o[2] for o in owners.get(id(m), []) if o[2] in self._ranks_keys), None)
-                if alias is not None: self._ranks_alias[name] = alias
-            t0 = time.perf_counter()
-            block = None
-            if reason is None: block, extra = plan_layer(name, m, shapes.get(name), work); row.update(extra)
-            else: row['reason'] = reason
-            row['seconds'] = time.perf_counter() - t0
-            if block is not None and min_speedup is not None and shapes.get(name) is not None:
-                row['ms_before'], row['ms_after'] = time_pair(m, block, layer_input(m, shapes[name]))
-                slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
-                if slow: block, row['reason'] = None, slow
-            if counts_rows(calls.get(name), batch) and row.get('macs_before') is not None:   # per sample, every call counted
-                row['macs_before'] = forward_macs(m, m, calls[name], batch)
-                if block is not None: row['macs_after'] = forward_macs(m, block, calls[name], batch)
-            row['status'] = 'decomposed' if block is not None else 'skipped'
-            row['params_after'] = n_params(block) if block is not None else row['params_before']
-            if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # left as it was (the reason says what a block would cost)
+            block, row = self._plan_one(name, m, plan_layer, work, **ctx)
             rows.append(row)
             if block is not None:
-                block.source = name
-                swaps.append((name, m, block))
+                swaps.append((name, block))
                 work = swap(work, [(m, block)], owners)
-                if after_layer is not None: after_layer(name, m, block, work)
-        if sample is not None and swaps:                       # the decomposed model must run
-            try:
-                with eval_mode(work): sample(work)
-            except Exception as e:
-                raise RuntimeError(f'the decomposed model does not run ({type(e).__name__}: {e}); the model you passed is unchanged. '
-                                   "Code outside a layer may read its attributes directly (e.g. `.weight`): leave that layer "
-                                   'out with exclude=') from e
+            if after_layer is not None: after_layer(name, m, block, work)
+        if sample is not None and swaps: _check_result_runs(work, sample)
         self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
-        result = work
-        if inplace:
-            orig = dict(model.named_modules())
-            result = swap(model, [(orig[n], b) for n, _, b in swaps])
+        result = _swap_in(model, swaps) if inplace else work
         if verbose: print(self.summary(model if not inplace else None, result))
         return result
+
+    def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup):
+        "The block for candidate `m` (None when it stays as it is) and its report row."
+        shapes = calls.get(name)
+        in_shape = shapes[0] if shapes else None
+        row = dict(name=name, type=type(m).__name__, params_before=n_params(m))
+        reason = skip_reason(m, next(k for k in self.kinds if isinstance(m, k)), owners, shared)
+        if reason is None: self._remember_alias(name, m, owners)
+        t0, block = time.perf_counter(), None
+        if reason is None: block, extra = plan_layer(name, m, in_shape, work); row.update(extra)
+        else: row['reason'] = reason
+        row['seconds'] = time.perf_counter() - t0
+        if block is not None and min_speedup is not None and in_shape is not None:
+            block = self._timed(m, block, in_shape, min_speedup, row)
+        _fill_costs(row, m, block, shapes, batch)
+        if block is not None: block.source = name
+        return block, row
+
+    def _remember_alias(self, name, m, owners):
+        "Explicit ranks may name any alias of a layer: remember the one they name."
+        if name in self._ranks_keys: return
+        alias = next((o[2] for o in owners.get(id(m), []) if o[2] in self._ranks_keys), None)
+        if alias is not None: self._ranks_alias[name] = alias
+
+    def _timed(self, m, block, in_shape, min_speedup, row):
+        "`block`, or None when it is not `min_speedup` times faster than `m` (the times and the reason go in `row`)."
+        row['ms_before'], row['ms_after'] = self.timer(m, block, layer_input(m, in_shape))
+        slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
+        if slow: block, row['reason'] = None, slow
+        return block
 
     def summary(self, before=None, after=None) -> str:
         "One line: what was decomposed and the parameter totals."

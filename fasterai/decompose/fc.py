@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn
+from fastcore.basics import store_attr
 from .factorize import *
 from .whiten import *
 from .ranks import *
@@ -28,64 +29,96 @@ class FC_Decomposer(Decomposer):
     kinds, block_type, label = (nn.Linear,), LowRankLinear, 'FC_Decomposer'
 
     @allow_autograd
-    @with_conv1d(lambda a, f: (lambda: a['self'].report, lambda r: setattr(a['self'], 'report', r)))
-    def decompose(self, model: nn.Module, percent_removed: float = 0.5, energy_threshold: float | None = None,
-                  layers=None, exclude=None, *, ranks: dict | None = None, rank: str | None = None,
-                  calibration: float = 0.0, allow_growth: bool = False, inplace: bool = False, input_shape=None,
-                  data=None, n_batches: int = 8, sequential: bool = True, compensate: bool = False, shrinkage='auto',
-                  output_grams=None, compact: bool = False, min_speedup: float | None = None, verbose: bool = True) -> nn.Module:
+    @with_conv1d
+    def decompose(self, model: nn.Module,
+                  percent_removed: float = 0.5,     # the share of each layer's rank to remove
+                  energy_threshold: float | None = None,  # keep the rank that holds this share of the energy instead
+                  layers=None,                      # only these modules (names; a module stands for what it holds)
+                  exclude=None,                     # not these modules
+                  *,
+                  ranks: dict | None = None,        # explicit ranks per layer name (they win over every rule)
+                  rank: str | None = None,          # 'vbmf': each layer's rank by EVBMF
+                  calibration: float = 0.0,         # moves the EVBMF rank toward full (> 0) or toward 0 (< 0)
+                  allow_growth: bool = False,       # take blocks that do not shrink the layer
+                  inplace: bool = False,            # swap the blocks into `model` itself
+                  input_shape=None,                 # a sample input shape: MACs, and the check that the result runs
+                  data=None,                        # calibration batches: data-aware factors
+                  n_batches: int = 8,               # how many batches of `data` to read
+                  sequential: bool = True,          # statistics from the partly decomposed model
+                  compensate: bool = False,         # fit each layer to the original model's outputs
+                  shrinkage='auto',                 # shrinkage of the input moments (see `InputStats.estimate`)
+                  output_grams=None,                # output weighting: None, 'auto' or a dict from `output_grams`
+                  compact: bool = False,            # store the second Linear as a `CompactLinear`
+                  min_speedup: float | None = None, # keep a block only when it is this much faster than its layer
+                  verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`.
-        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With `data`,
-        `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how much the
-        model's output reads them; `decompose` turns it on by default.
-        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times faster
-        than its layer at the layer's input shape (timed here; see `time_pair`)."""
+        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With
+        `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how
+        much the model's output reads them; `decompose` turns it on by default.
+        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times
+        faster than its layer at the layer's input shape (timed here; see `time_pair`)."""
         check_model(model)
         check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
-        ranks = ranks or {}
-        self._ranks_keys, self._ranks_alias = set(ranks), {}
+        self.ranks = ranks or {}
+        self._ranks_keys, self._ranks_alias = set(self.ranks), {}
         check_shrinkage(shrinkage)
         check_min_speedup(min_speedup, input_shape, data)
         if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
-        stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
-        root_for = layer_out_roots(output_grams, model, data, n_batches, self.candidates(model, layers, exclude)[0])
+        store_attr('percent_removed,energy_threshold,rank,calibration,allow_growth,shrinkage,compact')
+        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        cands = self.candidates(model, layers, exclude)[0]
+        self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
+        sample = sample_runner(model, input_shape, data)
+        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose, min_speedup=min_speedup)
 
-        def plan(name, lin, in_shape, work):
-            row = dict(method='svd')
-            W = lin.weight.detach()
-            Ww = W.to(work_dtype(W))
-            st = stats_for(name, lin, work)
-            if st is not None and st.n == 0: st = None
-            Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
-            P = root_for(name) if st is not None else None                  # output weighting (see `output_grams`)
-            Wp = None if st is None else Wt.double() if P is None else apply_rows(P[0], Wt.double())
-            if st is not None and (energy_threshold is not None or rank == 'vbmf'):
-                Ww = Wp @ whitening(st.estimate(shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
-            m, n = W.shape
-            full = min(m, n)
-            given = self.explicit_rank(ranks, name)
-            if given is not None: k = clamp_rank(check_explicit_rank(name, given, 1)[0], full)
-            elif rank == 'vbmf': k = calibrate_rank(evbmf_rank(spectrum(Ww), W.shape), full, calibration)
-            elif energy_threshold is not None: k = rank_from_energy(spectrum(Ww), energy_threshold)
-            else: k = rank_from_percent(full, percent_removed)
-            row['ranks'] = (k,)
-            pos = linear_positions(in_shape)
-            skel = linear_layers(lin, k, device='meta', compact=compact)
-            pb, pa = n_params(lin), n_params(skel)
-            if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=block_macs(skel, pos))
-            if not allow_growth and pa >= pb:
-                even = f'{full}' if compact else f'{m * n / (m + n):.0f}'
-                return None, dict(row, reason=f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {even}')
-            if st is None:
-                A, B, s = lowrank(Ww, k)
-                row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
-            else:
-                sigma = st.sigma.to(W.device)
-                A, B, s = whitened_lowrank(Wp, sigma, k)
-                row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wp, A @ B, sigma)
-                if P is not None: A = apply_rows(P[1], A)
-                row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
-            return (compact_linear_block if compact else linear_block)(lin, A, B), row
+    def plan_layer(self, name, lin, in_shape, work):
+        "The block for `lin` and its report row, or None and the row with the reason it stays dense."
+        row = dict(method='svd')
+        W = lin.weight.detach()
+        st = self.stats_for(name, lin, work)
+        if st is not None and st.n == 0: st = None
+        Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
+        P = self.root_for(name) if st is not None else None             # output weighting (see `output_grams`)
+        Wp = None if st is None else Wt.double() if P is None else apply_rows(P[0], Wt.double())
+        k = self.layer_rank(name, W, Wp, st)
+        row['ranks'] = (k,)
+        why = self.growth_reason(lin, k, in_shape, row)
+        if why: return None, dict(row, reason=why)
+        A, B = self.factor(W, Wp, st, P, k, row)
+        return (compact_linear_block if self.compact else linear_block)(lin, A, B), row
 
-        return self.run(model, plan, layers, exclude, inplace, sample_runner(model, input_shape, data), verbose,
-                        min_speedup=min_speedup)
+    def layer_rank(self, name, W, Wp=None, st=None) -> int:
+        "The rank of a Linear of weight `W`: from `ranks=`, else by the rank rule (on the whitened `Wp` when `st`)."
+        Ww = W.to(work_dtype(W))
+        if st is not None and (self.energy_threshold is not None or self.rank == 'vbmf'):
+            Ww = Wp @ whitening(st.estimate(self.shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
+        full = min(W.shape)
+        given = self.explicit_rank(self.ranks, name)
+        if given is not None: return clamp_rank(check_explicit_rank(name, given, 1)[0], full)
+        if self.rank == 'vbmf': return calibrate_rank(evbmf_rank(spectrum(Ww), W.shape), full, self.calibration)
+        if self.energy_threshold is not None: return rank_from_energy(spectrum(Ww), self.energy_threshold)
+        return rank_from_percent(full, self.percent_removed)
+
+    def growth_reason(self, lin, k, in_shape, row) -> str | None:
+        "Why the block at rank `k` must not replace `lin` (it would not have fewer params), or None; `row` gets the MACs."
+        m, n = lin.weight.shape
+        pos = linear_positions(in_shape)
+        skel = linear_layers(lin, k, device='meta', compact=self.compact)
+        pb, pa = n_params(lin), n_params(skel)
+        if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=block_macs(skel, pos))
+        if self.allow_growth or pa < pb: return None
+        even = f'{min(m, n)}' if self.compact else f'{m * n / (m + n):.0f}'
+        return f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {even}'
+
+    def factor(self, W, Wp, st, P, k: int, row):
+        "Factors `A`, `B` of the layer at rank `k` (whitened when `st`); `row` gets the errors."
+        if st is None:
+            A, B, s = lowrank(W.to(work_dtype(W)), k)
+            row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
+            return A, B
+        sigma = st.sigma.to(W.device)
+        A, B, s = whitened_lowrank(Wp, sigma, k)
+        row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wp, A @ B, sigma)
+        if P is not None: A = apply_rows(P[1], A)
+        row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
+        return A, B

@@ -23,7 +23,7 @@ from .batches import under
 from .core import check_names
 from .conv import Conv_Decomposer
 from .fc import FC_Decomposer
-from .budget import decompose as budget_decompose
+from .budget import Budget_Decomposer
 
 # %% auto #0
 __all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'copy_hypers', 'DecomposeCallback',
@@ -43,14 +43,8 @@ def takes(f, name: str) -> bool:
 
 # %% ../../nbs/14_learner.ipynb #c008
 def tick_per_layer(dec, tick):
-    "`dec`, made to call `tick(name)` after planning each layer."
-    run = dec.run
-    def _run(model, plan_layer, *args, **kwargs):
-        def plan(name, *a, **k):
-            try: return plan_layer(name, *a, **k)
-            finally: tick(name)
-        return run(model, plan, *args, **kwargs)
-    dec.run = _run
+    "`dec`, made to call `tick(name)` after each candidate layer (through its `after_layer` hook)."
+    dec.after_layer = lambda name, layer, block, work: tick(name)
     return dec
 
 # %% ../../nbs/14_learner.ipynb #c010
@@ -67,46 +61,80 @@ def calibration_dls(dls):
     except Exception: return dls
 
 # %% ../../nbs/14_learner.ipynb #c013
+def _named(f) -> set:
+    "The names of the parameters `f` takes as keywords (not its `**kwargs`)."
+    ok = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in inspect.signature(f).parameters.values() if p.kind in ok}
+
+def _takes_any(name: str, budget) -> bool:
+    "Does a decomposer that `Learner.decompose` would run take the keyword `name`?"
+    fs = [Conv_Decomposer.decompose, FC_Decomposer.decompose] + ([Budget_Decomposer.decompose] if budget is not None else [])
+    return any(name in _named(f) for f in fs)
+
+def _with_data(kw: dict, n_batches, calib) -> dict:
+    "`kw` with the Learner's calibration batches as `data` (unless given or `n_batches` is 0) and their count."
+    kw = dict(kw)
+    if 'data' not in kw and n_batches: kw['data'] = calib()
+    if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
+    return kw
+
 @patch
-@delegates(Conv_Decomposer.decompose, but=['data'])
 def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = 'tucker', percent_removed: float = 0.5,
               n_batches: int = 4, keep_first: bool = True, keep_last: bool = True, progress: bool = True,
               budget: float | None = None, budget_on: str = 'params', **kwargs) -> pd.DataFrame:
-    """Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches` training batches; install it
-    with a new optimizer and return the report. With `budget=` (a fraction of the model's params, or of its conv+linear
-    MACs with `budget_on='macs'`), ranks come from the global allocation of `fasterai.decompose.budget.decompose`
-    instead of `percent_removed`."""
+    """Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches` training batches; install
+    it with a new optimizer and return the report. With `budget=` (a fraction of the model's params, or of its
+    conv+linear MACs with `budget_on='macs'`), ranks come from the global allocation of `Budget_Decomposer` instead of
+    `percent_removed`. The other keywords go to the decomposers that take them (see the signature)."""
     if not (conv or fc): raise ValueError('conv and fc are both False: nothing to decompose')
-    unknown = [k for k in kwargs if not (takes(Conv_Decomposer.decompose, k) or takes(FC_Decomposer.decompose, k)
-                                         or (budget is not None and takes(budget_decompose, k)))]
+    unknown = [k for k in kwargs if not _takes_any(k, budget)]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
-    model = self.model
-    keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in _as_list(kwargs.get('layers'))]
+    model, calib = self.model, lambda: calibration_dls(self.dls)
+    given = _as_list(kwargs.get('layers'))
+    keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in given]
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
     if budget is not None:
-        kw = dict(kwargs)
-        if 'data' not in kw and n_batches: kw['data'] = calibration_dls(self.dls)
-        if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
-        model = budget_decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv, fc=fc, **{'verbose': False, **kw})
-        return self._install_decomposed(model, [budget_decompose.report])
+        d = Budget_Decomposer()
+        kw = {'verbose': False, **_with_data(kwargs, n_batches, calib)}
+        model = d.decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv, fc=fc, **kw)
+        return self._install_decomposed(model, [d.report])
     decs = ([(Conv_Decomposer(), dict(method=method))] if conv else []) + ([(FC_Decomposer(), {})] if fc else [])
-    show = progress and getattr(self, 'progress', None) is not None          # no bar under `learn.no_bar()`
-    total = sum(len(d.candidates(model, kwargs.get('layers'), kwargs.get('exclude'))[0]) for d, _ in decs) if show else 0
-    pb, done = (progress_bar(range(total), leave=False) if total else None), 0
-    def tick(name):
-        nonlocal done
-        done += 1; pb.comment = name; pb.update(done)
-    if pb is not None: pb.update(0)
-    calib = calibration_dls(self.dls) if n_batches else None
+    bar = _LayerBar(self, progress, decs, kwargs)
+    data = calib() if n_batches else None
     for dec, extra in decs:
         kw = {**accepted_kwargs(dec.decompose, kwargs), **extra, 'percent_removed': percent_removed}
-        if takes(dec.decompose, 'data'):
-            if 'data' not in kw and n_batches: kw['data'] = calib
-            if kw.get('data') is not None and n_batches and takes(dec.decompose, 'n_batches'): kw['n_batches'] = n_batches
-        if pb is not None: tick_per_layer(dec, tick)
+        kw = _with_data(kw, n_batches, lambda: data)
+        if bar.total: dec.after_layer = bar.tick
         model = dec.decompose(model, **kw)
-    if pb is not None and done < total: pb.update(total)
+    bar.close()
     return self._install_decomposed(model, [d.report for d, _ in decs if d.report is not None])
+
+class _LayerBar:
+    "A progress bar over the candidate layers of the decomposers `decs`, ticked by their `after_layer` hook."
+    def __init__(self, learn, progress, decs, kwargs):
+        show = progress and getattr(learn, 'progress', None) is not None          # no bar under `learn.no_bar()`
+        layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
+        self.total = sum(len(d.candidates(learn.model, layers, exclude)[0]) for d, _ in decs) if show else 0
+        self.pb, self.done = (progress_bar(range(self.total), leave=False) if self.total else None), 0
+        if self.pb is not None: self.pb.update(0)
+
+    def tick(self, name, layer=None, block=None, work=None):
+        self.done += 1; self.pb.comment = name; self.pb.update(min(self.done, self.total))
+
+    def close(self):
+        if self.pb is not None and self.done < self.total: self.pb.update(self.total)
+
+def _learner_signature():
+    "`Learner.decompose`'s own parameters, then every keyword of the decomposers it passes on (keyword-only)."
+    own = [p for p in inspect.signature(Learner.decompose).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    seen, extra = {p.name for p in own} | {'self', 'model'}, []
+    for f in (Conv_Decomposer.decompose, FC_Decomposer.decompose, Budget_Decomposer.decompose):
+        for p in inspect.signature(f).parameters.values():
+            if p.name in seen or p.kind is p.VAR_KEYWORD: continue
+            seen.add(p.name); extra.append(p.replace(kind=p.KEYWORD_ONLY))
+    return inspect.signature(Learner.decompose).replace(parameters=own + extra)
+
+Learner.decompose.__signature__ = _learner_signature()
 
 @patch
 def _install_decomposed(self: Learner, model, reports):
@@ -145,6 +173,14 @@ class DecomposeCallback(Callback):
             if isinstance(cb, TrackerCallback):            # `SaveModelCallback` would load a dense checkpoint into the blocks
                 cb.best = float('inf') if cb.comp == np.less else -float('inf')
                 if hasattr(cb, 'wait'): cb.wait = 0
+
+def _callback_signature():
+    "`DecomposeCallback(at_epoch, ...)`: `at_epoch`, then the keywords of `Learner.decompose`."
+    own = list(inspect.signature(DecomposeCallback.__init__).parameters.values())[:2]
+    rest = list(inspect.signature(Learner.decompose).parameters.values())[1:]
+    return inspect.Signature(own + [p.replace(kind=p.KEYWORD_ONLY) for p in rest])
+
+DecomposeCallback.__init__.__signature__ = _callback_signature()
 
 # %% ../../nbs/14_learner.ipynb #c043
 class NuclearNormCallback(Callback):

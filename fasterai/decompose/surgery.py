@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 # %% auto #0
 __all__ = ['find_owners', 'shared_params', 'holders', 'skip_reason', 'check_model', 'safe_deepcopy', 'swap', 'is_hf_conv1d',
-           'linear_of', 'conv1d_as_linear', 'with_conv1d']
+           'linear_of', 'conv1d_as_linear', 'restore_conv1d', 'with_conv1d']
 
 # %% ../../nbs/07_surgery.ipynb #c005
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -133,32 +133,37 @@ def conv1d_as_linear(model: nn.Module):
         names.append(name)
     return work, names
 
-def with_conv1d(report_of):
-    """Decorate an entry point `f(..., model, ..., inplace, ...)` so that it also decomposes `Conv1D` layers (see
-    `conv1d_as_linear`); `report_of(arguments, f)` gives a (get, set) pair for the report `f` writes."""
-    def deco(f):
-        sig = inspect.signature(f)
-        @functools.wraps(f)
-        def _f(*args, **kwargs):
-            a = sig.bind(*args, **kwargs); a.apply_defaults()
-            model, inplace = a.arguments.get('model'), a.arguments.get('inplace', False)
-            if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule) or is_hf_conv1d(model): return f(*args, **kwargs)
-            work, names = conv1d_as_linear(model)
-            if not names: return f(*args, **kwargs)
-            a.arguments['model'], a.arguments['inplace'] = work, False
-            out = f(*a.args, **a.kwargs)
-            get, put = report_of(a.arguments, f)
-            rep = get().copy()
-            done = set(rep.name[rep.status == 'decomposed'])
-            orig, memo = dict(model.named_modules(remove_duplicate=False)), {}
-            owners = find_owners(out)
-            for n in names:
-                if n in done:
-                    blk = out.get_submodule(n); blk.nf, blk.nx = orig[n].nf, orig[n].nx      # it was made from the stand-in Linear
-                else: swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners)
-            rep.loc[rep.name.isin(names), 'type'] = 'Conv1D'
-            put(rep)
-            if inplace and done: return swap(model, [(orig[n], out.get_submodule(n)) for n in done])
-            return model if inplace else out
-        return _f
-    return deco
+def restore_conv1d(model, out, names, report, inplace: bool):
+    """After decomposing `conv1d_as_linear(model)` into `out`: the `Conv1D` layers `names` that were left alone put back
+    as they were (blocks made of the others keep `nf` and `nx`), and the report's `type` saying `Conv1D`; the blocks go
+    into `model` itself when `inplace`. Returns (model, report)."""
+    rep = report.copy()
+    done = set(rep.name[rep.status == 'decomposed'])
+    orig, memo, owners = dict(model.named_modules(remove_duplicate=False)), {}, find_owners(out)
+    for n in names:
+        if n not in done: swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners); continue
+        blk = out.get_submodule(n)
+        blk.nf, blk.nx = orig[n].nf, orig[n].nx                       # it was made from the stand-in Linear
+    rep.loc[rep.name.isin(names), 'type'] = 'Conv1D'
+    if inplace and done: return swap(model, [(orig[n], out.get_submodule(n)) for n in done]), rep
+    return (model if inplace else out), rep
+
+def _convertible(model) -> bool:
+    "Can `model`'s `Conv1D` layers be swapped for Linears (an eager module that is not itself one)?"
+    return isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule) and not is_hf_conv1d(model)
+
+def with_conv1d(f):
+    """Make a decomposer's `decompose(self, model, ..., inplace=...)` also decompose `Conv1D` layers: it runs on
+    `conv1d_as_linear(model)`, then `restore_conv1d` puts the result and `self.report` right."""
+    sig = inspect.signature(f)
+    @functools.wraps(f)
+    def _f(self, *args, **kwargs):
+        a = sig.bind(self, *args, **kwargs); a.apply_defaults()
+        model, inplace = a.arguments.get('model'), a.arguments.get('inplace', False)
+        work, names = conv1d_as_linear(model) if _convertible(model) else (model, [])
+        if not names: return f(self, *args, **kwargs)
+        a.arguments['model'], a.arguments['inplace'] = work, False
+        out = f(*a.args, **a.kwargs)
+        out, self.report = restore_conv1d(model, out, names, self.report, inplace)
+        return out
+    return _f
