@@ -12,18 +12,21 @@ from torch import nn
 from .data.digits import *
 from .decompose.blocks import n_params
 from .decompose.batches import eval_mode
-with warnings.catch_warnings():                       # fastai's import warns about torch.jit.script on recent torch
+# fastai's import warns about torch.jit.script on recent torch
+with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from fasterai.decompose.learner import *
 
-digits_tensors = digits_arrays      # its name here before `fasterai.data.digits` existed (bench/bench_digits.py imports it)
+# its name here before `fasterai.data.digits` existed (bench/bench_digits.py imports it)
+digits_tensors = digits_arrays
 
 # %% auto #0
 __all__ = ['digits_tensors', 'latencies_ms', 'model_macs', 'measure', 'summary_table', 'report_table', 'main', 'cli']
 
 # %% ../nbs/16_demo.ipynb #c007
 def latencies_ms(models: dict, x: torch.Tensor, repeats: int = 30) -> dict:
-    "Median latency in milliseconds of each model of `models` (name → model) on `x`, timed in turns, in eval mode under `torch.inference_mode`."
+    """Median latency in milliseconds of each model of `models` (name → model) on `x`, timed in
+    turns, in eval mode under `torch.inference_mode`."""
     for m in models.values(): m.eval()
     ts = {k: [] for k in models}
     with torch.inference_mode():
@@ -35,48 +38,61 @@ def latencies_ms(models: dict, x: torch.Tensor, repeats: int = 30) -> dict:
     return {k: 1000 * statistics.median(v) for k, v in ts.items()}
 
 def model_macs(model: nn.Module, input_shape) -> int:
-    "Multiply-accumulates of one forward pass on zeros of `input_shape`, from torch's FLOP counter (FLOPs / 2)."
+    """Multiply-accumulates of one forward pass on zeros of `input_shape`, from torch's FLOP counter
+    (FLOPs / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
-    with FlopCounterMode(display=False) as fc, eval_mode(model): model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
+    with FlopCounterMode(display=False) as fc, eval_mode(model):
+        model(torch.zeros(input_shape, dtype=p.dtype, device=p.device))
     return fc.get_total_flops() // 2
 
 def measure(learn, input_shape=(1, 1, 32, 32)) -> dict:
     "Validation accuracy and loss, parameters and MACs per image of `learn.model`."
     with learn.no_bar(): loss, acc = map(float, learn.validate()[:2])
-    return dict(accuracy=acc, loss=loss, params=n_params(learn.model), macs=model_macs(learn.model, tuple(input_shape)))
+    return dict(accuracy=acc, loss=loss, params=n_params(learn.model),
+                macs=model_macs(learn.model, tuple(input_shape)))
 
 # %% ../nbs/16_demo.ipynb #c010
-_COLS = [('accuracy', '{:.4f}', 10), ('loss', '{:.4f}', 9), ('params', '{:,}', 11), ('macs', '{:,}', 12), ('ms_bs1', '{:.2f}', 11), ('ms_bs64', '{:.2f}', 12)]
-_HEAD = dict(accuracy='accuracy', loss='loss', params='params', macs='MACs', ms_bs1='ms (bs 1)', ms_bs64='ms (bs 64)')
-_DIFF = ('accuracy', 'loss')                                   # shown as differences in the last row; the rest as ratios
+_COLS = [('accuracy', '{:.4f}', 10), ('loss', '{:.4f}', 9), ('params', '{:,}', 11),
+         ('macs', '{:,}', 12), ('ms_bs1', '{:.2f}', 11), ('ms_bs64', '{:.2f}', 12)]
+_HEAD = dict(accuracy='accuracy', loss='loss', params='params', macs='MACs', ms_bs1='ms (bs 1)',
+             ms_bs64='ms (bs 64)')
+# shown as differences in the last row; the rest as ratios
+_DIFF = ('accuracy', 'loss')
 
 def summary_table(rows) -> str:
     "A fixed-width table of (label, `measure` dict) rows, with the last row's ratios to the first."
     lines = [f'{"":<26}' + ''.join(f'{_HEAD[k]:>{w}}' for k, _, w in _COLS)]
-    for label, r in rows: lines.append(f'{label:<26}' + ''.join(f'{f.format(r[k]):>{w}}' for k, f, w in _COLS))
+    for label, r in rows:
+        lines.append(f'{label:<26}' + ''.join(f'{f.format(r[k]):>{w}}' for k, f, w in _COLS))
     (_, a), (_, b) = rows[0], rows[-1]
-    lines.append(f'{"last / first":<26}' + ''.join(f'{b[k] - a[k]:>+{w}.4f}' if k in _DIFF else f'{b[k] / a[k]:>{w}.1%}' for k, _, w in _COLS))
+    def change(k, w): return f'{b[k] - a[k]:>+{w}.4f}' if k in _DIFF else f'{b[k] / a[k]:>{w}.1%}'
+    lines.append(f'{"last / first":<26}' + ''.join(change(k, w) for k, _, w in _COLS))
     return '\n'.join(lines)
 
 def report_table(rep) -> str:
     "The decomposition report, compactly."
-    cols = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after', 'output_error', 'status']
+    cols = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
+            'macs_after', 'output_error', 'status']
     r = rep[[c for c in cols if c in rep.columns]].copy()
     for c in ('params_before', 'params_after', 'macs_before', 'macs_after'):
         if c in r: r[c] = r[c].map(lambda v: '' if v != v else f'{int(v):,}')
-    if 'output_error' in r: r['output_error'] = r['output_error'].map(lambda v: '' if v != v else f'{v:.3f}')
+    if 'output_error' in r:
+        r['output_error'] = r['output_error'].map(lambda v: '' if v != v else f'{v:.3f}')
     return r.to_string(index=False)
 
-def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, threads: int | None = 1):
-    "Train the digits CNN with fastai, `learn.decompose()` it, fine-tune one epoch with `fit_one_cycle`; print before/after."
+def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0,
+         threads: int | None = 1):
+    """Train the digits CNN with fastai, `learn.decompose()` it, fine-tune one epoch with
+    `fit_one_cycle`; print before/after."""
     from fastai.learner import Learner
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     from fastai.callback.schedule import fit_one_cycle
     if threads: torch.set_num_threads(threads)
     set_seed(seed)
-    learn = Learner(digits_dls(seed=seed), digits_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    learn = Learner(digits_dls(seed=seed), digits_cnn(), loss_func=nn.CrossEntropyLoss(),
+                    metrics=accuracy)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     nt = torch.get_num_threads()
@@ -85,7 +101,8 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, 
     dense, dense_model = measure(learn), learn.model
     print(f'dense: validation accuracy {dense["accuracy"]:.4f}, {dense["params"]:,} params\n')
     t0 = time.perf_counter()
-    with learn.no_bar(): rep = learn.decompose()              # works on a copy: `dense_model` stays dense
+    # works on a copy: `dense_model` stays dense
+    with learn.no_bar(): rep = learn.decompose()
     print(f'learn.decompose() took {time.perf_counter() - t0:.1f} s:\n{report_table(rep)}\n')
     decomposed = measure(learn)
     dec_model = copy.deepcopy(learn.model)                    # as it was before fine-tuning
@@ -96,22 +113,26 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float = 2e-4, seed: int = 0, 
     rows = [('dense', dense), ('decomposed', decomposed), ('+1 epoch fit_one_cycle', tuned)]
     models = dict(zip([label for label, _ in rows], [dense_model, dec_model, learn.model]))
     for bs in (1, 64):
-        for label, ms in latencies_ms(models, torch.randn(bs, 1, 32, 32)).items(): dict(rows)[label][f'ms_bs{bs}'] = ms
+        for label, ms in latencies_ms(models, torch.randn(bs, 1, 32, 32)).items():
+            dict(rows)[label][f'ms_bs{bs}'] = ms
     print(summary_table(rows))
     return rows
 
 # %% ../nbs/16_demo.ipynb #c012
 def cli(argv=None):
-    "`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T]`: run `main`."
+    """`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T]`: run
+    `main`."""
     import argparse, inspect
     d = {k: v.default for k, v in inspect.signature(main).parameters.items()}
     p = argparse.ArgumentParser(prog='python -m fasterai.demo', description=main.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--epochs', type=int, default=d['epochs'], help='training epochs of the dense CNN')
+    p.add_argument('--epochs', type=int, default=d['epochs'],
+                   help='training epochs of the dense CNN')
     p.add_argument('--lr', type=float, default=d['lr'], help='training learning rate')
     p.add_argument('--ft-lr', type=float, default=d['ft_lr'], help='fine-tuning learning rate')
     p.add_argument('--seed', type=int, default=d['seed'])
-    p.add_argument('--threads', type=int, default=d['threads'], help='torch CPU threads (0: leave as is)')
+    p.add_argument('--threads', type=int, default=d['threads'],
+                   help='torch CPU threads (0: leave as is)')
     a = p.parse_args(argv)
     if a.epochs < 1: p.error('--epochs must be >= 1')
     return main(a.epochs, a.lr, a.ft_lr, a.seed, a.threads or None)

@@ -17,25 +17,30 @@ __all__ = ['digits_arrays', 'digits_dls', 'conv_bn_relu', 'digits_cnn']
 
 # %% ../../nbs/17_digits.ipynb #c006
 def digits_arrays(size: int = 32, seed: int = 0, valid_pct: float = 0.2):
-    "scikit-learn's digits as `(x_train, y_train, x_valid, y_valid)`: float32 images (N, 1, `size`, `size`), normalized; int64 labels."
+    """scikit-learn's digits as `(x_train, y_train, x_valid, y_valid)`: float32 images (N, 1,
+    `size`, `size`), normalized; int64 labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.          # grey levels 0..16 → [0, 1]
+    # grey levels 0..16 → [0, 1]
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
     if size != 8: x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     y = torch.tensor(d.target, dtype=torch.long)
-    itr, iva = train_test_split(np.arange(len(y)), test_size=valid_pct, random_state=seed, stratify=d.target)
+    itr, iva = train_test_split(np.arange(len(y)), test_size=valid_pct, random_state=seed,
+                                stratify=d.target)
     xt, xv = x[itr], x[iva]
     mean, std = xt.mean(), xt.std()
     return (xt - mean) / std, y[itr], (xv - mean) / std, y[iva]
 
 # %% ../../nbs/17_digits.ipynb #c010
 class _Items(list):
-    "A list of (image, label) items that `Learner.export` can empty (it keeps the DataLoaders' setup, not the data)."
+    """A list of (image, label) items that `Learner.export` can empty (it keeps the DataLoaders'
+    setup, not the data)."""
     def new_empty(self): return type(self)()
 
 def digits_dls(size: int = 32, bs: int = 64, seed: int = 0, device=None):
-    "fastai `DataLoaders` over `digits_arrays(size, seed)`: shuffled training batches of `bs`, validation batches of 2·`bs`."
+    """fastai `DataLoaders` over `digits_arrays(size, seed)`: shuffled training batches of `bs`,
+    validation batches of 2·`bs`."""
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.torch_core import default_device
@@ -51,10 +56,12 @@ def conv_bn_relu(ni: int, nf: int):
     return [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
 
 def digits_cnn(n_classes: int = 10, width: int = 32, hidden: int = 256, in_ch: int = 1):
-    "A small VGG-style CNN: `width`, 2·`width`, 4·`width` channels, then a Linear head with `hidden` units."
+    """A small VGG-style CNN: `width`, 2·`width`, 4·`width` channels, then a Linear head with
+    `hidden` units."""
     w = width
     return nn.Sequential(*conv_bn_relu(in_ch, w), nn.MaxPool2d(2),
                          *conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
                          *conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(16 * w, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_classes))
+                         nn.Linear(16 * w, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, n_classes))

@@ -26,7 +26,9 @@ from .whiten import whitened_lowrank
 from .stats import collect_stats
 from .sensitivity import output_grams
 
-_all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
-         'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs', 'decompose', 'BN_Folder',
+_all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear',
+         'CompactLinear', 'METHODS',
+         'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params',
+         'block_macs', 'decompose', 'BN_Folder',
          'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
          'output_grams', 'collect_stats', 'whitened_lowrank']

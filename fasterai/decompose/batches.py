@@ -1,4 +1,4 @@
-"""Model inputs from whatever the caller has, running the model on them, and one context that hooks layers and puts the model back as it was.
+"""Model inputs from what the caller has, running the model, and one context for hooked runs.
 
 Docs: https://fasterai.github.io/fasterai/batches.html.md"""
 
@@ -6,7 +6,6 @@ Docs: https://fasterai.github.io/fasterai/batches.html.md"""
 
 # %% ../../nbs/04_batches.ipynb #c002
 from __future__ import annotations
-import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -20,7 +19,8 @@ __all__ = ['iter_batches', 'model_device', 'run_model', 'hooked', 'eval_mode', '
 
 # %% ../../nbs/04_batches.ipynb #c005
 def _is_fastai_dls(data):
-    "Is `data` a fastai `DataLoaders`? (Checked on the type: fastai forwards attribute lookups, and `hasattr` on a split dataset can raise.)"
+    """Is `data` a fastai `DataLoaders`? (Checked on the type: fastai forwards attribute lookups,
+    and `hasattr` on a split dataset can raise.)"""
     try: from fastai.data.core import DataLoaders
     except ImportError: return False
     return isinstance(data, DataLoaders)
@@ -33,17 +33,27 @@ def _as_item(b, n_inp=1):
         return ('args', tuple(b[:max(n_inp, 1)]))
     return ('args', (b,))
 
+def _one_pair(data) -> bool:
+    "Does `data` look like one (input, target) batch: two tensors of as many rows but other shapes or dtypes?"
+    if not (isinstance(data, tuple) and len(data) == 2): return False
+    if not all(isinstance(t, torch.Tensor) and t.dim() for t in data): return False
+    x, y = data
+    return x.shape[0] == y.shape[0] and (x.shape[1:] != y.shape[1:] or x.dtype != y.dtype)
+
 def iter_batches(data, n_batches: int | None = None, bs: int = 32):
-    "Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or iterable, or fastai `DataLoaders`."
-    if n_batches is not None and n_batches < 0: raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
+    """Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or
+    iterable, or fastai `DataLoaders`."""
+    if n_batches is not None and n_batches < 0:
+        raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
     if _is_fastai_dls(data): data = data.train
-    if isinstance(data, Mapping): data = [data]                              # one batch of keyword arguments (a tokenizer's output)
-    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) and t.dim() for t in data)
-            and data[0].shape[0] == data[1].shape[0] and (data[0].shape[1:] != data[1].shape[1:] or data[0].dtype != data[1].dtype)):
-        raise TypeError('data looks like one (input, target) batch; pass a list of batches, [(x, y)], or the inputs alone')
+    # one batch of keyword arguments (a tokenizer's output)
+    if isinstance(data, Mapping): data = [data]
+    if _one_pair(data):
+        raise TypeError('data looks like one (input, target) batch; pass a list of batches, [(x, y)], or the '
+                        'inputs alone')
     if isinstance(data, Iterator):
-        raise TypeError(f'data must be re-iterable (a tensor, a list of batches, a DataLoader), got a one-shot {type(data).__name__}: '
-                        'calibration reads it several times; pass list(...) of it')
+        raise TypeError(f'data must be re-iterable (a tensor, a list of batches, a DataLoader), got a one-shot '
+                        f'{type(data).__name__}: calibration reads it several times; pass list(...) of it')
     n_inp = getattr(data, 'n_inp', 1) or 1
     it = data.split(bs) if isinstance(data, torch.Tensor) else data
     for i, b in enumerate(it):
@@ -54,7 +64,8 @@ def iter_batches(data, n_batches: int | None = None, bs: int = 32):
 def _to(v, device):
     if isinstance(v, torch.Tensor):
         v = v.to(device)
-        return v.clone() if v.is_inference() else v                          # made under inference_mode: autograd cannot save it
+        # made under inference_mode: autograd cannot save it
+        return v.clone() if v.is_inference() else v
     if isinstance(v, Mapping): return {k: _to(t, device) for k, t in v.items()}
     if isinstance(v, (tuple, list)): return type(v)(_to(t, device) for t in v)
     return v
@@ -66,7 +77,8 @@ def model_device(model):
     return p.device if p is not None else None
 
 def run_model(model, item, device=None):
-    "Call `model` on one item of `iter_batches`, its tensors moved to `device` (default: the model's)."
+    """Call `model` on one item of `iter_batches`, its tensors moved to `device` (default: the
+    model's)."""
     kind, v = item
     device = device if device is not None else model_device(model)
     if device is not None: v = _to(v, device)
@@ -74,16 +86,18 @@ def run_model(model, item, device=None):
     try: return model(*v)
     except TypeError as e:
         if 'positional argument' not in str(e): raise
-        raise TypeError(f'{e}. Calibration batches that are tuples or lists are read as (input, target) and only the input '
-                        'is passed on; for a model with several inputs give dict batches of keyword arguments (model(**batch)) '
-                        'or a fastai DataLoader, whose n_inp says how many items are inputs') from e
+        raise TypeError(f'{e}. Calibration batches that are tuples or lists are read as (input, target) and only '
+                        'the input is passed on; for a model with several inputs give dict batches of keyword '
+                        'arguments (model(**batch)) or a fastai DataLoader, whose n_inp says how many items are '
+                        'inputs') from e
 
 # %% ../../nbs/04_batches.ipynb #c011
 @contextmanager
 def hooked(*models: nn.Module, pre=(), post=(), with_kwargs: bool = False, grad: bool = False):
-    """Run a block with `models` in eval mode, the forward pre-hooks `pre` and forward hooks `post` ((module, hook)
-    pairs) registered, and no autograd (with `grad`, autograd on, also under `torch.inference_mode`). On the way out
-    every hook is removed and every module's `training` flag put back. Yields the model (the tuple when several)."""
+    """Run a block with `models` in eval mode, the forward pre-hooks `pre` and forward hooks `post`
+    ((module, hook) pairs) registered, and no autograd (with `grad`, autograd on, also under
+    `torch.inference_mode`). On the way out every hook is removed and every module's `training` flag
+    put back. Yields the model (the tuple when several)."""
     modes = {m: m.training for model in models for m in model.modules()}
     handles = []
     try:
@@ -97,11 +111,13 @@ def hooked(*models: nn.Module, pre=(), post=(), with_kwargs: bool = False, grad:
         for m, t in modes.items(): m.training = t
 
 def eval_mode(model: nn.Module):
-    "Run a block with `model` in eval mode and no autograd, then put every module's `training` flag back (`hooked`)."
+    """Run a block with `model` in eval mode and no autograd, then put every module's `training`
+    flag back (`hooked`)."""
     return hooked(model)
 
 def call_shapes(model: nn.Module, layers: dict, run) -> dict:
-    "The input shape of every call of each module in `layers` (name → module) during `run()` (in eval mode): name → [shapes]."
+    """The input shape of every call of each module in `layers` (name → module) during `run()` (in
+    eval mode): name → [shapes]."""
     shapes = defaultdict(list)
     def hook(name):
         def f(m, args):
@@ -111,12 +127,14 @@ def call_shapes(model: nn.Module, layers: dict, run) -> dict:
     return dict(shapes)
 
 def input_sizes(model: nn.Module, layers: dict, run):
-    "The input shape of the first call of each module in `layers` (name → module) during `run()` (in eval mode)."
+    """The input shape of the first call of each module in `layers` (name → module) during `run()`
+    (in eval mode)."""
     return {n: s[0] for n, s in call_shapes(model, layers, run).items()}
 
 def call_counts(model, data, modules: dict) -> dict:
-    """How many times each of `modules` (name → module of `model`) runs in one forward pass of `model` on the first batch
-    of `data` (eval mode, no grad; modes and hooks restored). A layer called twice (a shared block) sees two kinds of input."""
+    """How many times each of `modules` (name → module of `model`) runs in one forward pass of
+    `model` on the first batch of `data` (eval mode, no grad; modes and hooks restored). A layer
+    called twice (a shared block) sees two kinds of input."""
     counts = {n: 0 for n in modules}
     def hook(n): return lambda mod, args: counts.__setitem__(n, counts[n] + 1)
     with hooked(model, pre=[(m, hook(n)) for n, m in modules.items()]):
@@ -131,12 +149,16 @@ def token_mask(item):
     return m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
 
 def real_tokens(m, x, mask):
-    "A Linear's (B, T, C) input `x` without the padded positions of `mask` (B, T), as (N, C) rows; anything else unchanged."
-    if mask is None or not isinstance(m, nn.Linear) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape): return x
+    """A Linear's (B, T, C) input `x` without the padded positions of `mask` (B, T), as (N, C) rows;
+    anything else unchanged."""
+    if mask is None or not isinstance(m,
+                                      nn.Linear) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
     return x[mask.to(x.device)]
 
 def under(name: str, prefixes) -> bool:
-    "Is the module `name` one of `prefixes` (a name or a list of them) or inside one? `''` is the whole model."
+    """Is the module `name` one of `prefixes` (a name or a list of them) or inside one? `''` is the
+    whole model."""
     if isinstance(prefixes, str): prefixes = [prefixes]
     return any(name == p or name.startswith(p + '.') or p == '' for p in prefixes)
 
@@ -144,11 +166,13 @@ def under(name: str, prefixes) -> bool:
 def check_input_shape(input_shape):
     "Raise a ValueError unless `input_shape` is None or a tuple of positive ints."
     ok = isinstance(input_shape, (tuple, list, torch.Size))
-    if input_shape is None or ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape): return
+    if input_shape is None or ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+        return
     raise ValueError(f'input_shape must be a tuple of positive ints, e.g. (1, 3, 224, 224), got {input_shape!r}')
 
 def batch_size(v):
-    "The batch size of model inputs `v`: the first dim of the first tensor, or the length of a list of tensors (a detector's images)."
+    """The batch size of model inputs `v`: the first dim of the first tensor, or the length of a
+    list of tensors (a detector's images)."""
     if isinstance(v, torch.Tensor): return v.shape[0] if v.dim() else None
     if isinstance(v, Mapping): return batch_size(next(iter(v.values()), None))
     if isinstance(v, (tuple, list)) and v:
@@ -157,7 +181,8 @@ def batch_size(v):
     return None
 
 class SampleRunner:
-    "Runs a model on one input: an item of `iter_batches`, or zeros of `input_shape`; `batch` is that input's batch size."
+    """Runs a model on one input: an item of `iter_batches`, or zeros of `input_shape`; `batch` is
+    that input's batch size."""
     def __init__(self, item=None, input_shape=None, device='cpu', dtype=torch.float32):
         self.item, self.input_shape, self.device, self.dtype = item, input_shape, device, dtype
         if item is not None: self.batch = batch_size(item[1])
@@ -167,26 +192,32 @@ class SampleRunner:
         if self.item is not None: return run_model(model, self.item, model_device(model))
         return model(torch.zeros(tuple(self.input_shape), device=self.device, dtype=self.dtype))
 
-    def __repr__(self): return f'SampleRunner({"first batch" if self.item is not None else self.input_shape}, batch={self.batch})'
+    def __repr__(self):
+        what = 'first batch' if self.item is not None else self.input_shape
+        return f'SampleRunner({what}, batch={self.batch})'
 
 def sample_runner(model, input_shape, data=None) -> SampleRunner | None:
-    """A `SampleRunner` on the first batch of `data`, or on zeros of `input_shape` (on `model`'s device and dtype);
-    None without either. Its `batch` is that input's batch size (MACs are counted per sample)."""
+    """A `SampleRunner` on the first batch of `data`, or on zeros of `input_shape` (on `model`'s
+    device and dtype); None without either. Its `batch` is that input's batch size (MACs are counted
+    per sample)."""
     if data is not None:
         item = next(iter_batches(data, 1), None)
         if item is None: raise ValueError('data yielded no batch')
         return SampleRunner(item)
     if input_shape is None: return None
     p = next(model.parameters(), None)
-    return SampleRunner(input_shape=input_shape, device=p.device, dtype=p.dtype) if p is not None else SampleRunner(input_shape=input_shape)
+    return SampleRunner(input_shape=input_shape, device=p.device,
+                        dtype=p.dtype) if p is not None else SampleRunner(input_shape=input_shape)
 
-def check_runs(model, data=None, input_shape=None, layers: dict | None = None, every: bool = False) -> dict:
-    """Run `model` once (in eval mode) on the first batch of `data`, or else on zeros of `input_shape`; returns the input
-    shapes of `layers` (name → module) seen on the way (with `every`, the list of every call's). A ValueError says what
-    the model could not run on."""
+def check_runs(model, data=None, input_shape=None, layers: dict | None = None,
+               every: bool = False) -> dict:
+    """Run `model` once (in eval mode) on the first batch of `data`, or else on zeros of
+    `input_shape`; returns the input shapes of `layers` (name → module) seen on the way (with
+    `every`, the list of every call's). A ValueError says what the model could not run on."""
     run = sample_runner(model, input_shape, data)
     if run is None: return {}
     try: return (call_shapes if every else input_sizes)(model, layers or {}, lambda: run(model))
     except Exception as e:
-        what = 'the first batch of data' if data is not None else f"input_shape={tuple(input_shape)} (zeros of the model's dtype)"
+        zeros = f"input_shape={tuple(input_shape)} (zeros of the model's dtype)" if data is None else None
+        what = 'the first batch of data' if data is not None else zeros
         raise ValueError(f'the model does not run on {what}: {type(e).__name__}: {e}') from e

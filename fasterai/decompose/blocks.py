@@ -20,7 +20,8 @@ __all__ = ['CONV_KINDS', 'LAYER_ATTRS', 'METHOD_LAYERS', 'METHODS', 'BUILDERS', 
            'n_params', 'method_reason', 'nominal_size', 'linear_positions', 'forward_macs', 'counts_rows']
 
 # %% ../../nbs/03_blocks.ipynb #c005
-CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+              nn.ConvTranspose3d)
 
 class LowRankBlock(nn.Sequential):
     "An `nn.Sequential` that replaced one layer; `method` and `ranks` say how it was made."
@@ -45,46 +46,59 @@ def _sub(v, n, dims, fill):
     return tuple(v[i] if i in dims else fill for i in range(n))
 
 def torch_base(m: nn.Module) -> type:
-    "The first class of `m`'s type (itself or a base) defined by torch: `nn.Conv2d` for a user's `MyConv(nn.Conv2d)`."
+    """The first class of `m`'s type (itself or a base) defined by torch: `nn.Conv2d` for a user's
+    `MyConv(nn.Conv2d)`."""
     return next(c for c in type(m).__mro__ if c.__module__.startswith('torch.'))
 
-def conv_like(conv, in_ch, out_ch, kernel_size=1, spatial_dims=None, groups=1, bias=False, device=None):
-    """A plain torch conv of `conv`'s dimensionality from `in_ch` to `out_ch` (a subclass's own `__init__` may take other
-    arguments). When `spatial_dims` is given, it takes `conv`'s stride/padding/dilation/padding_mode on those dimensions
-    (all of them for `'all'`)."""
+def conv_like(conv, in_ch, out_ch, kernel_size=1, spatial_dims=None, groups=1, bias=False,
+              device=None):
+    """A plain torch conv of `conv`'s dimensionality from `in_ch` to `out_ch` (a subclass's own
+    `__init__` may take other arguments). When `spatial_dims` is given, it takes `conv`'s
+    stride/padding/dilation/padding_mode on those dimensions (all of them for `'all'`)."""
     n, cls = len(conv.kernel_size), torch_base(conv)
     if spatial_dims is None:
         return cls(in_ch, out_ch, _tup(kernel_size, n), groups=groups, bias=bias, device=device)
     dims = range(n) if spatial_dims == 'all' else spatial_dims
     return cls(in_ch, out_ch, _tup(kernel_size, n), stride=_sub(conv.stride, n, dims, 1),
-                      padding=_sub(conv.padding, n, dims, 0), dilation=_sub(conv.dilation, n, dims, 1),
+                      padding=_sub(conv.padding, n, dims, 0),
+                      dilation=_sub(conv.dilation, n, dims, 1),
                       groups=groups, bias=bias, padding_mode=conv.padding_mode, device=device)
 
 # %% ../../nbs/03_blocks.ipynb #c007
-LAYER_ATTRS = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
-               'groups', 'padding_mode', 'output_padding', 'nf', 'nx')   # nf, nx: transformers' Conv1D
+LAYER_ATTRS = ('in_features', 'out_features', 'in_channels', 'out_channels', 'kernel_size',
+               'stride', 'padding', 'dilation',
+               # nf, nx: transformers' Conv1D
+               'groups', 'padding_mode', 'output_padding', 'nf', 'nx')
 
 def adopt(block, layer, source=''):
-    """Give the block skeleton `block` its `layer`'s place: the attributes code reads (`in_features`, ...), storage on the
-    layer's device and dtype (values not set), each tensor's `requires_grad` (factors follow the weight, the bias keeps its
-    own flag), the layer's own buffers (a user's mask or scale) and its train/eval mode."""
+    """Give the block skeleton `block` its `layer`'s place: the attributes code reads
+    (`in_features`, ...), storage on the layer's device and dtype (values not set), each tensor's
+    `requires_grad` (factors follow the weight, the bias keeps its own flag), the layer's own
+    buffers (a user's mask or scale) and its train/eval mode."""
     w = layer.weight
     block.source = source
-    for a in LAYER_ATTRS:                                     # code that reads e.g. `model.fc.in_features` keeps working
+    # code that reads e.g. `model.fc.in_features` keeps working
+    for a in LAYER_ATTRS:
         if hasattr(layer, a): setattr(block, a, getattr(layer, a))
-    block.to_empty(device=w.device).to(dtype=w.dtype)        # cast first: float64 factors stay float64
+    # cast first: float64 factors stay float64
+    block.to_empty(device=w.device).to(dtype=w.dtype)
     for p in block.parameters(): p.requires_grad_(w.requires_grad)
     if isinstance(getattr(layer, 'bias', None), torch.Tensor) and block[-1].bias is not None:
         block[-1].bias.requires_grad_(layer.bias.requires_grad)
-    for name, buf in layer._buffers.items():                 # after `to_empty`, which would drop their values
-        if buf is not None: block.register_buffer(name, buf.detach().clone(), persistent=name not in layer._non_persistent_buffers_set)
+    # after `to_empty`, which would drop their values
+    for name, buf in layer._buffers.items():
+        if buf is not None:
+            block.register_buffer(name, buf.detach().clone(),
+                                  persistent=name not in layer._non_persistent_buffers_set)
     return block.train(layer.training)
 
 def _finish(block, layer, weights, bias, source=''):
     """Load `weights` into the block's layers, the original bias into the last one, after `adopt`.
-    The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing is randomly
-    initialized only to be overwritten (for a 25088→2048 Linear that init costs more than half a second)."""
-    if len(weights) != len(block) or any(m.bias is not None for m in list(block)[:-1]) or (block[-1].bias is None) != (bias is None):
+    The block may be a skeleton on the `'meta'` device: every parameter is written here, so nothing
+    is randomly initialized only to be overwritten (for a 25088→2048 Linear that init costs more
+    than half a second)."""
+    inner_bias = any(m.bias is not None for m in list(block)[:-1])
+    if len(weights) != len(block) or inner_bias or (block[-1].bias is None) != (bias is None):
         raise ValueError('every parameter of the block must be given')
     adopt(block, layer, source)
     with torch.no_grad():
@@ -95,8 +109,9 @@ def _finish(block, layer, weights, bias, source=''):
 
 # %% ../../nbs/03_blocks.ipynb #c009
 def tucker_layers(conv, r_out, r_in, device=None):
-    """1×1 S→R_in, core R_in→R_out with the conv's kernel, stride, padding and dilation, 1×1 R_out→T (per group).
-    A factor at its mode's full size (R_in = S/g, R_out = T/g) is square: it is folded into the core and its 1×1 conv left out."""
+    """1×1 S→R_in, core R_in→R_out with the conv's kernel, stride, padding and dilation, 1×1 R_out→T
+    (per group). A factor at its mode's full size (R_in = S/g, R_out = T/g) is square: it is folded
+    into the core and its 1×1 conv left out."""
     g, S, T = conv.groups, conv.in_channels, conv.out_channels
     first, last = r_in < S // g, r_out < T // g
     ci, co, bias = g * r_in if first else S, g * r_out if last else T, conv.bias is not None
@@ -109,7 +124,8 @@ def svd_layers(conv, r, device=None):
     "k×k S→R with the conv's stride, padding and dilation, then 1×1 R→T (per group)."
     g, S, T = conv.groups, conv.in_channels, conv.out_channels
     return LowRankConv(conv_like(conv, S, g * r, conv.kernel_size, 'all', groups=g, device=device),
-                       conv_like(conv, g * r, T, 1, groups=g, bias=conv.bias is not None, device=device),
+                       conv_like(conv, g * r, T, 1, groups=g, bias=conv.bias is not None,
+                                 device=device),
                        method='svd', ranks=(r,))
 
 def spatial_layers(conv, r, device=None):
@@ -117,47 +133,58 @@ def spatial_layers(conv, r, device=None):
     g, S, T = conv.groups, conv.in_channels, conv.out_channels
     kh, kw = conv.kernel_size
     return LowRankConv(conv_like(conv, S, g * r, (kh, 1), [0], groups=g, device=device),
-                       conv_like(conv, g * r, T, (1, kw), [1], groups=g, bias=conv.bias is not None, device=device),
+                       conv_like(conv, g * r, T, (1, kw), [1], groups=g, bias=conv.bias is not None,
+                                 device=device),
                        method='spatial', ranks=(r,))
 
 def cp_layers(conv, r, device=None):
-    "1×1 S→R, one depthwise conv per spatial dimension (that dimension's stride, padding, dilation), 1×1 R→T."
+    """1×1 S→R, one depthwise conv per spatial dimension (that dimension's stride, padding,
+    dilation), 1×1 R→T."""
     S, T, n = conv.in_channels, conv.out_channels, len(conv.kernel_size)
-    dw = [conv_like(conv, r, r, tuple(conv.kernel_size[d] if i == d else 1 for i in range(n)), [d], groups=r, device=device)
-          for d in range(n)]
+    def along(d): return tuple(conv.kernel_size[d] if i == d else 1 for i in range(n))   # the kernel along dim d only
+    dw = [conv_like(conv, r, r, along(d), [d], groups=r, device=device) for d in range(n)]
     return LowRankConv(conv_like(conv, S, r, 1, device=device), *dw,
-                       conv_like(conv, r, T, 1, bias=conv.bias is not None, device=device), method='cp', ranks=(r,))
+                       conv_like(conv, r, T, 1, bias=conv.bias is not None, device=device),
+                       method='cp', ranks=(r,))
 
 METHOD_LAYERS = dict(tucker=tucker_layers, svd=svd_layers, spatial=spatial_layers, cp=cp_layers)
 
 # %% ../../nbs/03_blocks.ipynb #c010
 def tucker_block(conv, core, U_out, U_in, source=''):
-    "The Tucker-2 block of `conv` from HOOI factors (see `tucker2`); full-size factors are folded into the core."
+    """The Tucker-2 block of `conv` from HOOI factors (see `tucker2`); full-size factors are folded
+    into the core."""
     g, S, T = conv.groups, conv.in_channels, conv.out_channels
     r_out, r_in = core.shape[0] // g, core.shape[1]
     first, last = r_in < S // g, r_out < T // g
     Ui = U_in.reshape(g, S // g, r_in).to(core.dtype)
     Uo = U_out.reshape(g, T // g, r_out).to(core.dtype)
     c = core.reshape(g, r_out, r_in, -1)
-    if not first: c = torch.einsum('grqk,gsq->grsk', c, Ui)              # core ×₁ U_in: input channels directly
-    if not last: c = torch.einsum('grqk,gtr->gtqk', c, Uo)               # core ×₀ U_out: output channels directly
+    # core ×₁ U_in: input channels directly
+    if not first: c = torch.einsum('grqk,gsq->grsk', c, Ui)
+    # core ×₀ U_out: output channels directly
+    if not last: c = torch.einsum('grqk,gtr->gtqk', c, Uo)
     weights = [Ui.transpose(1, 2).reshape(g * r_in, S // g)] if first else []
     weights.append(c.reshape(-1, c.shape[2], *core.shape[2:]))
     if last: weights.append(U_out)
-    return _finish(tucker_layers(conv, r_out, r_in, device='meta'), conv, weights, conv.bias, source)
+    return _finish(tucker_layers(conv, r_out, r_in, device='meta'), conv, weights, conv.bias,
+                   source)
 
 def svd_block(conv, first_w, second_w, source=''):
     "The channel-SVD block of `conv` (see `channel_svd`)."
-    return _finish(svd_layers(conv, first_w.shape[0] // conv.groups, device='meta'), conv, [first_w, second_w], conv.bias, source)
+    return _finish(svd_layers(conv, first_w.shape[0] // conv.groups, device='meta'), conv,
+                   [first_w, second_w], conv.bias, source)
 
 def spatial_block(conv, vert_w, hor_w, source=''):
     "The spatial-SVD block of a 2-d `conv` (see `spatial_svd`)."
-    return _finish(spatial_layers(conv, vert_w.shape[0] // conv.groups, device='meta'), conv, [vert_w, hor_w], conv.bias, source)
+    return _finish(spatial_layers(conv, vert_w.shape[0] // conv.groups, device='meta'), conv,
+                   [vert_w, hor_w], conv.bias, source)
 
 def cp_block(conv, facs, source=''):
-    "The CP block of `conv` from CP factors (T×R with weights, S×R, one k_i×R per spatial dimension)."
+    """The CP block of `conv` from CP factors (T×R with weights, S×R, one k_i×R per spatial
+    dimension)."""
     A_t, A_s, *A_k = facs
-    return _finish(cp_layers(conv, A_t.shape[1], device='meta'), conv, [A_s.T] + [a.T for a in A_k] + [A_t], conv.bias, source)
+    return _finish(cp_layers(conv, A_t.shape[1], device='meta'), conv,
+                   [A_s.T] + [a.T for a in A_k] + [A_t], conv.bias, source)
 
 # %% ../../nbs/03_blocks.ipynb #c012
 def linear_block(lin, A, B, source=''):
@@ -165,9 +192,12 @@ def linear_block(lin, A, B, source=''):
     return _finish(linear_layers(lin, A.shape[1], device='meta'), lin, [B, A], lin.bias, source)
 
 def linear_layers(lin, k, device=None, compact: bool = False):
-    "Linear(n→k, no bias), then Linear(k→m) (a `CompactLinear` when `compact`) with a bias when the layer had one."
-    second = (CompactLinear if compact else nn.Linear)(k, lin.out_features, bias=lin.bias is not None, device=device)
-    return LowRankLinear(nn.Linear(lin.in_features, k, bias=False, device=device), second, method='svd', ranks=(k,))
+    """Linear(n→k, no bias), then Linear(k→m) (a `CompactLinear` when `compact`) with a bias when
+    the layer had one."""
+    second = (CompactLinear if compact else nn.Linear)(k, lin.out_features,
+                                                       bias=lin.bias is not None, device=device)
+    return LowRankLinear(nn.Linear(lin.in_features, k, bias=False, device=device), second,
+                         method='svd', ranks=(k,))
 
 # %% ../../nbs/03_blocks.ipynb #c014
 def _compact_dense(weight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -176,25 +206,30 @@ def _compact_dense(weight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return full.index_select(0, order)
 
 @torch.fx.wrap
-def compact_linear(z: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = Π[z; weight·z] + bias (see `CompactLinear`). A leaf for torch.fx (its branch depends on the input size), so a
-    model holding compact layers still traces (e.g. for `BN_Folder`)."""
+def compact_linear(z: torch.Tensor, weight: torch.Tensor, order: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = Π[z; weight·z] + bias (see `CompactLinear`). A leaf for torch.fx (its branch depends on
+    the input size), so a model holding compact layers still traces (e.g. for `BN_Folder`)."""
     k = weight.shape[1]
-    if z.numel() >= k * k:                              # many rows: one GEMM with the rebuilt weight beats a gather of the outputs
+    # many rows: one GEMM with the rebuilt weight beats a gather of the outputs
+    if z.numel() >= k * k:
         return nn.functional.linear(z, _compact_dense(weight, order), bias)
     y = torch.cat([z, nn.functional.linear(z, weight)], -1).index_select(-1, order)
     return y if bias is None else y + bias
 
 class CompactLinear(nn.Module):
-    """A Linear(k→m) whose weight has the k×k identity in rows `rows`: stores only the other m − k rows (`weight`,
-    (m − k)×k) and computes y = Π[z; weight·z] + bias."""
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    """A Linear(k→m) whose weight has the k×k identity in rows `rows`: stores only the other m − k
+    rows (`weight`, (m − k)×k) and computes y = Π[z; weight·z] + bias."""
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None):
         super().__init__()
-        if not 0 < in_features <= out_features: raise ValueError(f'CompactLinear needs 0 < in_features <= out_features, got {in_features}, {out_features}')
+        if not 0 < in_features <= out_features:
+            raise ValueError(f'CompactLinear needs 0 < in_features <= out_features, got {in_features}, {out_features}')
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features - in_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer('order', torch.arange(out_features, device=device))   # output j is entry order[j] of [z; weight·z]
+        # output j is entry order[j] of [z; weight·z]
+        self.register_buffer('order', torch.arange(out_features, device=device))
 
     def forward(self, z): return compact_linear(z, self.weight, self.order, self.bias)
 
@@ -202,11 +237,13 @@ class CompactLinear(nn.Module):
         "The full (m, k) weight."
         return _compact_dense(self.weight, self.order)
 
-    def extra_repr(self): return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
+    def extra_repr(self):
+        return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
 
 def compact_factors(A, B):
-    """(rows, rest, A₂, B̃) with A B = Π[I; A₂] B̃: `rows` the k rows of `A` (m×k, m ≥ k) picked by a column-pivoted QR
-    of Aᵀ, `rest` the others, A₂ = A[rest] S⁻¹ and B̃ = S B for S = A[rows]; float64."""
+    """(rows, rest, A₂, B̃) with A B = Π[I; A₂] B̃: `rows` the k rows of `A` (m×k, m ≥ k) picked by
+    a column-pivoted QR of Aᵀ, `rest` the others, A₂ = A[rest] S⁻¹ and B̃ = S B for S = A[rows];
+    float64."""
     import scipy.linalg
     A, B = A.detach().double(), B.detach().double()
     k = A.shape[1]
@@ -214,18 +251,24 @@ def compact_factors(A, B):
     rows, rest = piv[:k], piv[k:]
     S = A[rows]
     sv = torch.linalg.svdvals(S)
-    if sv.numel() and sv[-1] > sv[0] * 1e-10: A2 = torch.linalg.solve(S, A[rest], left=False)     # A[rest] S⁻¹
-    else: A2 = A[rest] @ torch.linalg.pinv(S, rtol=1e-10)     # A of rank < k: the pivoted rows span its row space, so A[rest] S⁺ S = A[rest]
+    # A[rest] S⁻¹
+    if sv.numel() and sv[-1] > sv[0] * 1e-10: A2 = torch.linalg.solve(S, A[rest], left=False)
+    # A of rank < k: the pivoted rows span its row space, so A[rest] S⁺ S = A[rest]
+    else: A2 = A[rest] @ torch.linalg.pinv(S, rtol=1e-10)
     return rows, rest, A2, S @ B
 
 def compact_linear_block(lin, A, B, source=''):
-    "`linear_block` in the compact form: the same product A B with k² fewer parameters (a `CompactLinear` second layer)."
+    """`linear_block` in the compact form: the same product A B with k² fewer parameters (a
+    `CompactLinear` second layer)."""
     m, k = A.shape
     rows, rest, A2, Bt = compact_factors(A, B)
-    blk = _finish(linear_layers(lin, k, device='meta', compact=True), lin, [Bt, A2], lin.bias, source)
+    blk = _finish(linear_layers(lin, k, device='meta', compact=True), lin, [Bt, A2], lin.bias,
+                  source)
     order = torch.empty(m, dtype=torch.long, device=rows.device)
-    order[rows], order[rest] = torch.arange(k, device=rows.device), torch.arange(k, m, device=rows.device)
-    blk[1].order = order.to(lin.weight.device)                           # `_finish` left the buffer uninitialized
+    order[rows], order[rest] = torch.arange(k,
+                                            device=rows.device), torch.arange(k, m, device=rows.device)
+    # `_finish` left the buffer uninitialized
+    blk[1].order = order.to(lin.weight.device)
     return blk
 
 # %% ../../nbs/03_blocks.ipynb #c016
@@ -238,9 +281,11 @@ def conv_out_size(conv, in_size):
     return tuple((i + 2 * p - dd * (kk - 1) - 1) // ss + 1 for i, p, kk, ss, dd in zip(in_size, pad, k, s, d))
 
 def layer_macs(m, in_size=None):
-    "MACs of one Conv (spatial `in_size`) or Linear (`in_size` = number of positions, default 1), bias excluded."
+    """MACs of one Conv (spatial `in_size`) or Linear (`in_size` = number of positions, default 1),
+    bias excluded."""
     if isinstance(m, (nn.Linear, CompactLinear)): return m.weight.numel() * (in_size or 1)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd): return m.weight.numel() * math.prod(in_size)   # each input pixel scatters a kernel
+    # each input pixel scatters a kernel
+    if isinstance(m, nn.modules.conv._ConvTransposeNd): return m.weight.numel() * math.prod(in_size)
     return m.weight.numel() * math.prod(conv_out_size(m, in_size))
 
 def block_macs(block, in_size):
@@ -263,7 +308,8 @@ def method_reason(conv, method) -> str | None:
     "Why `method` cannot decompose `conv`, or None."
     k, n = conv.kernel_size, len(conv.kernel_size)
     if conv.transposed: return 'ConvTranspose is not supported'
-    if method == 'tucker' and math.prod(k) == 1: return "1×1 kernel: a Tucker-2 core saves nothing over method='svd'"
+    if method == 'tucker' and math.prod(k) == 1:
+        return "1×1 kernel: a Tucker-2 core saves nothing over method='svd'"
     if method == 'spatial':
         if n != 2: return f'spatial needs a 2-d kernel, got {n}-d'
         if 1 in k: return f'kernel {k[0]}×{k[1]} has nothing to separate'
@@ -284,11 +330,11 @@ def linear_positions(in_shape):
     return math.prod(in_shape[1:-1]) if in_shape is not None and len(in_shape) > 2 else 1
 
 def forward_macs(layer: nn.Module, m: nn.Module, shapes, batch: int | None = None) -> int:
-    """MACs per sample of `m` (`layer` itself or its block) summed over the calls of `layer`, whose inputs had `shapes`:
-    a layer run several times per forward pass (ALBERT's shared layers, a detection head shared by the levels of a
-    feature pyramid) costs each time. With `batch` (the model input's batch size), a call's leading dim counts as rows
-    per `batch` samples (a detector's box head runs on its N regions: (N, C) is N rows per image); without it, as the
-    batch."""
+    """MACs per sample of `m` (`layer` itself or its block) summed over the calls of `layer`, whose
+    inputs had `shapes`: a layer run several times per forward pass (ALBERT's shared layers, a
+    detection head shared by the levels of a feature pyramid) costs each time. With `batch` (the
+    model input's batch size), a call's leading dim counts as rows per `batch` samples (a detector's
+    box head runs on its N regions: (N, C) is N rows per image); without it, as the batch."""
     lin = isinstance(layer, nn.Linear)
     def one(s):
         rows = s[0] / batch if batch else 1
@@ -297,5 +343,6 @@ def forward_macs(layer: nn.Module, m: nn.Module, shapes, batch: int | None = Non
     return round(sum(one(s) for s in shapes))
 
 def counts_rows(shapes, batch) -> bool:
-    "Do the input `shapes` of a layer's calls need `forward_macs` (several calls, or a leading dim that is not the batch)?"
+    """Do the input `shapes` of a layer's calls need `forward_macs` (several calls, or a leading dim
+    that is not the batch)?"""
     return bool(shapes) and (len(shapes) > 1 or (batch is not None and shapes[0][0] != batch))

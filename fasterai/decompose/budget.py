@@ -7,7 +7,8 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 # %% ../../nbs/12_budget.ipynb #c003
 from __future__ import annotations
 import functools, inspect, math, warnings
-import torch
+from functools import partial
+from fastcore.basics import store_attr
 import pandas as pd
 from torch import nn
 from .factorize import *
@@ -29,10 +30,12 @@ __all__ = ['decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'c
 # %% ../../nbs/12_budget.ipynb #c005
 class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
-    def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None, batch=None):
-        self.name, self.layer, self.method, self.spectra, self.full, self.in_shape, self.on = name, layer, method, spectra, full, in_shape, on
+    def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None,
+                 batch=None):
+        store_attr('name,layer,method,spectra,full,in_shape,on')
         self.compact, self._blocks, self.batch = compact, {}, batch
-        self.calls = calls if counts_rows(calls, batch) else None    # input shapes of a layer run several times, or on N rows per sample
+        # input shapes of a layer run several times, or on N rows per sample
+        self.calls = calls if counts_rows(calls, batch) else None
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
         self.dense = self.cost(None)
 
@@ -41,14 +44,17 @@ class LayerPlan:
         self.energy = [s.pow(2) * w for s in self.spectra]
 
     def block(self, ranks):
-        "The block skeleton (on 'meta') at `ranks`; kept, since the allocation asks for the cost and the rule of the same ranks."
+        """The block skeleton (on 'meta') at `ranks`; kept, since the allocation asks for the cost
+        and the rule of the same ranks."""
         if ranks not in self._blocks:
-            self._blocks[ranks] = (linear_layers(self.layer, *ranks, device='meta', compact=self.compact) if isinstance(self.layer, nn.Linear)
-                                   else METHOD_LAYERS[self.method](self.layer, *ranks, device='meta'))
+            lin = isinstance(self.layer, nn.Linear)
+            make = partial(linear_layers, compact=self.compact) if lin else METHOD_LAYERS[self.method]
+            self._blocks[ranks] = make(self.layer, *ranks, device='meta')
         return self._blocks[ranks]
 
     def shrinks(self, ranks) -> bool:
-        "Would the decomposer take the block at `ranks`? Fewer params, and for a conv also fewer MACs (its rule, whatever the budget counts)."
+        """Would the decomposer take the block at `ranks`? Fewer params, and for a conv also fewer
+        MACs (its rule, whatever the budget counts)."""
         b = self.block(ranks)
         if n_params(b) >= n_params(self.layer): return False
         if isinstance(self.layer, nn.Linear): return True
@@ -61,7 +67,9 @@ class LayerPlan:
         m = self.layer if ranks is None else self.block(ranks)
         if self.on == 'params': return n_params(m)
         if self.calls: return forward_macs(self.layer, m, self.calls, self.batch)
-        if lin: return (m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)) * linear_positions(self.in_shape)   # bias-free MACs
+        if lin:
+            per_position = m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)   # bias-free MACs
+            return per_position * linear_positions(self.in_shape)
         size = tuple(self.in_shape[2:]) if self.in_shape else nominal_size(self.layer)
         return block_macs(m, size)
 
@@ -72,12 +80,14 @@ class LayerPlan:
         return [max(self.cost(tuple(h + (i == j) for j, h in enumerate(half))) - base, 1) for i in range(len(half))]
 
     def ranks_at(self, lam, units, total):
-        "Ranks kept at threshold `lam`: components whose energy share beats `lam` × their cost share."
+        """Ranks kept at threshold `lam`: components whose energy share beats `lam` × their cost
+        share."""
         return tuple(clamp_rank(int((e >= lam * u / total).sum()), f) for e, u, f in zip(self.energy, units, self.full))
 
 # %% ../../nbs/12_budget.ipynb #c006
 def allocate(plans, target: float, fixed: float, tol: float = 0.002):
-    "Bisect one threshold so that `fixed` + the plans' costs lands on `target`; returns {name: ranks or None (dense)}."
+    """Bisect one threshold so that `fixed` + the plans' costs lands on `target`; returns {name:
+    ranks or None (dense)}."""
     total = fixed + sum(p.dense for p in plans)
     units = {p.name: p.unit_costs() for p in plans}
     def at(lam):
@@ -90,7 +100,8 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
         return out, cost
     pos = [float(e[e > 0].min()) for p in plans for e in p.energy if (e > 0).any()]
     umax = max((max(u) for u in units.values()), default=1)
-    lo, hi = min(1e-15, 0.5 * min(pos) * total / umax) if pos and min(pos) > 0 else 1e-15, 1.0   # below every layer's smallest energy
+    # below every layer's smallest energy
+    lo, hi = min(1e-15, 0.5 * min(pos) * total / umax) if pos and min(pos) > 0 else 1e-15, 1.0
     while at(hi)[1] > target and hi < 1e12: hi *= 10
     best = at(hi)
     for _ in range(100):
@@ -103,8 +114,9 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     return ranks, cost, total
 
 def _fill(plans, ranks, cost, target, tol, max_steps=500):
-    """Spend what one threshold leaves under `target` (its steps can be coarse on a small model): add one rank at a time
-    to the decomposed layer slot with the most energy per unit of cost that still fits, until within `tol` or nothing fits."""
+    """Spend what one threshold leaves under `target` (its steps can be coarse on a small model):
+    add one rank at a time to the decomposed layer slot with the most energy per unit of cost that
+    still fits, until within `tol` or nothing fits."""
     by = {p.name: p for p in plans}
     for _ in range(max_steps):
         if target - cost <= tol: break
@@ -125,18 +137,19 @@ def _fill(plans, ranks, cost, target, tol, max_steps=500):
 
 # %% ../../nbs/12_budget.ipynb #c007
 def dense_macs(m, in_shape, calls=None, batch=None):
-    """MACs of a Linear or conv (transposed too) run on input shape `in_shape` (per sample), or None without a shape
-    for a conv; summed over `calls` (the input shapes of every call) for a layer run several times or on N rows per sample
-    of a `batch` (see `forward_macs`)."""
+    """MACs of a Linear or conv (transposed too) run on input shape `in_shape` (per sample), or None
+    without a shape for a conv; summed over `calls` (the input shapes of every call) for a layer run
+    several times or on N rows per sample of a `batch` (see `forward_macs`)."""
     if counts_rows(calls, batch): return forward_macs(m, m, calls, batch)
     if isinstance(m, nn.Linear): return m.weight.numel() * linear_positions(in_shape)
     return layer_macs(m, tuple(in_shape[2:])) if in_shape else None
 
-def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None, layers=None,
-                exclude=None, compact=False, skipped: list | None = None, calls: dict | None = None,
-                batch: int | None = None):
-    """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a list) gets (name, layer, reason)
-    of the others. `calls` (name → the input shapes of every call, see `call_shapes`) counts the MACs of every call."""
+def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
+                layers=None, exclude=None, compact=False, skipped: list | None = None,
+                calls: dict | None = None, batch: int | None = None):
+    """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a
+    list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
+    see `call_shapes`) counts the MACs of every call."""
     calls = calls or {}
     plans, kinds = [], []
     skipped = [] if skipped is None else skipped
@@ -149,14 +162,17 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             base = next(k for k in dec.kinds if isinstance(m, k))
             lin = isinstance(m, nn.Linear)
             why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, meth))
-            if why is None and not lin and m.groups > 1: why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
+            if why is None and not lin and m.groups > 1:
+                why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
             if why: skipped.append((name, m, why)); continue
             W = m.weight.detach(); W = W.to(work_dtype(W))
-            if spectra_fn is not None and spectra_fn(name, m) is not None: spec = spectra_fn(name, m)
+            if spectra_fn is not None and spectra_fn(name, m) is not None:
+                spec = spectra_fn(name, m)
             elif lin: spec = [spectrum(W)]
             else: spec = [spectrum(M[0]) for M in mode_matrices(W, meth, 1)]
             full = (min(W.shape),) if lin else full_ranks(m, meth)
-            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, (shapes or {}).get(name), on, compact=lin and compact,
+            in_shape = (shapes or {}).get(name)
+            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, in_shape, on, compact=lin and compact,
                                    calls=calls.get(name), batch=batch))
     in_plans = {id(p.layer) for p in plans}
     if on == 'params': fixed = n_params(model) - sum(p.dense for p in plans)
@@ -171,11 +187,14 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
 # %% ../../nbs/12_budget.ipynb #c009
 _RANK_ARGS = ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration')
 
-def check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact, refused: dict):
-    "Raise an error naming the argument unless the arguments of `decompose` are valid; `refused` are the extra keywords."
+def check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
+                      refused: dict):
+    """Raise an error naming the argument unless the arguments of `decompose` are valid; `refused`
+    are the extra keywords."""
     check_model(model)
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
-    if budget_on not in ('params', 'macs'): raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
+    if budget_on not in ('params', 'macs'):
+        raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
     if method not in ('svd', 'tucker', 'spatial'):
         raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
     if budget_on == 'macs' and input_shape is None and data is None:
@@ -187,31 +206,37 @@ def check_budget_args(model, budget, budget_on, method, input_shape, data, n_bat
     check_input_shape(input_shape)
     if data is not None and not (isinstance(n_batches, int) and not isinstance(n_batches, bool) and n_batches >= 1):
         raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
-    if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
+    if not isinstance(compact, bool):
+        raise TypeError(f'compact must be True or False, got {compact!r}')
 
 def budget_candidates(model, conv: bool, fc: bool, layers, exclude) -> dict:
-    "Name → layer for every candidate of the conv and Linear decomposers that `conv` and `fc` turn on."
+    """Name → layer for every candidate of the conv and Linear decomposers that `conv` and `fc` turn
+    on."""
     cands = {}
     for dec in ([Conv_Decomposer()] if conv else []) + ([FC_Decomposer()] if fc else []):
         cands.update(dec.candidates(model, layers, exclude)[0])
     return cands
 
 def probe_shapes(model, cands: dict, input_shape, data, budget_on):
-    "The input shapes of every call of each candidate, and the sample's batch size (`input_shape` first: MACs count it)."
+    """The input shapes of every call of each candidate, and the sample's batch size (`input_shape`
+    first: MACs count it)."""
     data = data if input_shape is None else None
     calls = check_runs(model, data, input_shape, cands, every=True)
-    batch = sample_runner(model, input_shape, data).batch if input_shape is not None or data is not None else None
+    batch = sample_runner(model, input_shape,
+                          data).batch if input_shape is not None or data is not None else None
     unseen = [n for n in cands if n not in calls]
     if budget_on == 'macs' and unseen:
-        warnings.warn(f'{len(unseen)} candidate layer(s) were not called as modules on this input ({", ".join(unseen[:3])}'
-                      f'{", ..." if len(unseen) > 3 else ""}): a dead branch, or an owner that runs their weight itself '
-                      '(F.linear); their MACs are unknown here and counted as one position per sample')
+        some = ', '.join(unseen[:3]) + (', ...' if len(unseen) > 3 else '')
+        warnings.warn(f'{len(unseen)} candidate layer(s) were not called as modules on this input ({some}): a dead '
+                      'branch, or an owner that runs their weight itself (F.linear); their MACs are unknown here and '
+                      'counted as one position per sample')
     return calls, batch
 
-def layer_sensitivities(model, data, cands: dict, grams, sensitivity: bool, auto: bool, n_batches: int):
-    """(output Grams or the `output_grams` argument, sensitivity per layer or None); one calibration pass of probes
-    serves both. When `sensitivity` was not asked for (`auto`), a model the probes cannot follow falls back to
-    energy shares with a warning."""
+def layer_sensitivities(model, data, cands: dict, grams, sensitivity: bool, auto: bool,
+                        n_batches: int):
+    """(output Grams or the `output_grams` argument, sensitivity per layer or None); one calibration
+    pass of probes serves both. When `sensitivity` was not asked for (`auto`), a model the probes
+    cannot follow falls back to energy shares with a warning."""
     sens = None
     try:
         if isinstance(grams, str) and grams == 'auto' and data is not None:
@@ -228,12 +253,13 @@ _DEAD = ('sensitivity 0: its output never reached the model output that calibrat
          'another output such as a pooler); left dense')
 
 def weigh_plans(plans, fixed, sens, skipped):
-    """Plans left after dropping the layers of sensitivity 0 (into `skipped`, their cost into `fixed`), with energies
-    weighed by sensitivity and scaled to sum to 1; and the new `fixed`."""
+    """Plans left after dropping the layers of sensitivity 0 (into `skipped`, their cost into
+    `fixed`), with energies weighed by sensitivity and scaled to sum to 1; and the new `fixed`."""
     if sens is None: return plans, fixed
     for p in plans:
         if sens.get(p.name, 0) > 0: continue
-        skipped.append((p.name, p.layer, _DEAD)); fixed += p.dense   # no measure of its error, so no cut
+        # no measure of its error, so no cut
+        skipped.append((p.name, p.layer, _DEAD)); fixed += p.dense
     plans = [p for p in plans if sens.get(p.name, 0) > 0]
     for p in plans: p.weigh(sens[p.name])
     scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
@@ -252,8 +278,8 @@ def check_plans(model, plans, skipped):
 def warn_allocation(cost, budget, total, fixed, n_plans, budget_on):
     "Warn when the allocation lands more than 1% of the total away from `budget`."
     if cost > budget * total + 0.01 * total:
-        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: with every eligible layer at its lowest rank '
-                      f'the model keeps {cost / total:.1%} (the {n_plans} eligible layer(s) hold '
+        warnings.warn(f'budget={budget} of the {budget_on} is out of reach: with every eligible layer at its lowest '
+                      f'rank the model keeps {cost / total:.1%} (the {n_plans} eligible layer(s) hold '
                       f'{1 - fixed / total:.1%} of the {budget_on}, and a rank-1 block still costs something). '
                       f"Ask for less, or let more layers in (method='svd' reaches 1×1 convs, layers=/exclude=).")
     elif cost < budget * total - 0.01 * total:
@@ -267,32 +293,39 @@ def run_decomposers(model, plans, chosen: dict, method, conv_args: dict, fc_args
     fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
     if conv_names:
         d = Conv_Decomposer()
-        out = d.decompose(out, method=method, layers=conv_names, ranks={n: chosen[n] for n in conv_names},
+        out = d.decompose(out, method=method, layers=conv_names,
+                          ranks={n: chosen[n] for n in conv_names},
                           inplace=False, verbose=False, **conv_args)
         reports.append(d.report)
     if fc_names:
         d = FC_Decomposer()
-        out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names}, inplace=out is not model,
+        out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
+                          inplace=out is not model,
                           verbose=False, **fc_args)
         reports.append(d.report)
     return out, reports
 
 def finish_budget(model, out, reports, inplace: bool):
-    "The result: a copy when nothing was decomposed (the caller's model when `inplace`), else the blocks swapped in."
+    """The result: a copy when nothing was decomposed (the caller's model when `inplace`), else the
+    blocks swapped in."""
     if out is model: return model if inplace else safe_deepcopy(model)
     if not inplace: return out
     done = [n for r in reports for n in r.name[r.status == 'decomposed']]
     orig = dict(model.named_modules(remove_duplicate=False))
     return swap(model, [(orig[n], out.get_submodule(n)) for n in done])
 
-def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude, calls=None, batch=None):
-    "The decomposers' rows, plus one row per candidate layer left as it was (and why), in the model's order."
+def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers, exclude,
+                   calls=None, batch=None):
+    """The decomposers' rows, plus one row per candidate layer left as it was (and why), in the
+    model's order."""
     def row(name, m, reason, method=None):
         pb, mb = n_params(m), dense_macs(m, shapes.get(name), (calls or {}).get(name), batch)
-        return dict(name=name, type=type(m).__name__, method=method, params_before=pb, params_after=pb,
+        return dict(name=name, type=type(m).__name__, method=method, params_before=pb,
+                    params_after=pb,
                     macs_before=mb, macs_after=mb, status='skipped', reason=reason)
     def kept(n, b):
-        return dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks, params_before=n_params(b),
+        return dict(name=n, type=type(b).__name__, method=b.method, ranks=b.ranks,
+                    params_before=n_params(b),
                     params_after=n_params(b), status='skipped', reason='already decomposed')
     dense = 'kept dense by the budget allocation (other layers were cheaper to cut)'
     extra = [row(n, m, why) for n, m, why in skipped]
@@ -301,83 +334,100 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
         if on: extra += [kept(n, b) for n, b in dec.candidates(model, layers, exclude)[1]]
     frames = [r for r in reports if len(r)] + ([pd.DataFrame(extra, columns=REPORT_COLUMNS)] if extra else [])
     if not frames: return pd.DataFrame(columns=REPORT_COLUMNS)
-    rep = pd.concat(frames, ignore_index=True).astype({'reason': object, 'status': object, 'method': object})
-    rep['method'] = rep.method.where(rep.method.notna(), float('nan'))    # one missing-value marker, also when no frame had one
+    rep = pd.concat(frames,
+                    ignore_index=True).astype({'reason': object, 'status': object, 'method': object})
+    # one missing-value marker, also when no frame had one
+    rep['method'] = rep.method.where(rep.method.notna(), float('nan'))
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    rep = rep.drop_duplicates('name').sort_values('name', key=lambda c: c.map(lambda n: order.get(n, len(order))), kind='stable')
+    def in_order(names): return names.map(lambda n: order.get(n, len(order)))
+    rep = rep.drop_duplicates('name').sort_values('name', key=in_order, kind='stable')
     return rep.reset_index(drop=True)
 
 # %% ../../nbs/12_budget.ipynb #c011
 class Budget_Decomposer:
-    "Spread a parameter or MAC budget over every eligible Conv and Linear of a model; the report is in `self.report`."
+    """Spread a parameter or MAC budget over every eligible Conv and Linear of a model; the report
+    is in `self.report`."""
     report: pd.DataFrame = None
 
     @allow_autograd
     @with_conv1d
     def decompose(self, model: nn.Module,
-                  budget: float = 0.5,           # the fraction of the params (or MACs) to keep
-                  budget_on: str = 'params',     # 'params', or 'macs' (needs `input_shape` or `data`)
-                  method: str = 'svd',           # how convs are factored: 'svd', 'tucker' or 'spatial'
+                  budget: float = 0.5,           # share of the params (or MACs) to keep
+                  budget_on: str = 'params',     # 'params', or 'macs' (needs a sample input)
+                  method: str = 'svd',           # for convs: 'svd', 'tucker' or 'spatial'
                   conv: bool = True,             # decompose the convs
                   fc: bool = True,               # decompose the Linears
-                  layers=None,                   # only these modules (names; a module stands for what it holds)
+                  layers=None,                   # only these modules (and what they hold)
                   exclude=None,                  # not these modules
                   *,
-                  input_shape=None,              # a sample input shape, for MACs and the check that the result runs
-                  sensitivity: bool | None = None,  # weigh layers by output sensitivity (default: when `data` is given)
+                  input_shape=None,              # sample input shape: MACs, check that it runs
+                  sensitivity: bool | None = None,  # weigh layers by output sensitivity
                   inplace: bool = False,         # swap the blocks into `model` itself
                   verbose: bool = True,          # print a one-line summary
-                  data=None,                     # calibration batches: data-aware ranks and factors
+                  data=None,                     # calibration batches: data-aware ranks, factors
                   n_batches: int = 8,            # how many batches of `data` to read
-                  output_grams='sensitivity',    # 'auto', None or a dict; default: 'auto' when `sensitivity` is on
-                  compact: bool = False,         # store each Linear block's second layer as a `CompactLinear`
-                  shrinkage='auto',              # shrinkage of the input moments (see `InputStats.estimate`)
-                  sequential: bool = True,       # gather statistics from the partly decomposed model
+                  output_grams='sensitivity',    # 'auto' (when sensitivity), None or Grams
+                  compact: bool = False,         # Linear blocks end in a `CompactLinear`
+                  shrinkage='auto',              # of the input moments (`InputStats.estimate`)
+                  sequential: bool = True,       # statistics from the partly decomposed model
                   compensate: bool = False,      # fit each layer to the original model's outputs
                   allow_growth: bool = False,    # passed on to the decomposers
                   n_iter: int = 10,              # HOOI iterations (Tucker)
                   tol: float = 1e-4,             # HOOI tolerance (Tucker)
-                  cp_iter: int = 50,             # passed on to `Conv_Decomposer` (the budget takes no 'cp')
-                  min_speedup: float | None = None,  # keep a block only when it is this much faster than its layer
-                  **refused) -> nn.Module:       # rank arguments of the decomposers: refused with a pointer to them
-        """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of its parameters
-        (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs `input_shape` or `data`). With `data=`
-        (and `n_batches=`), ranks are allocated on whitened spectra and every layer is factored data-aware;
-        `sensitivity` (default: on when `data` is given) weighs each layer's spectrum by how much its output error
-        moves the model's output; with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each
-        layer's output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the factors. Returns
-        the new model; `self.report` holds the per-layer rows (with output weighting, `predicted_error` and
-        `output_error` are in the weighted norm)."""
-        check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact, refused)
+                  cp_iter: int = 50,             # passed on to `Conv_Decomposer`
+                  min_speedup: float | None = None,  # keep only blocks this much faster
+                  **refused) -> nn.Module:       # decomposers' rank arguments: refused, saying why
+        """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of
+        its parameters (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs
+        `input_shape` or `data`). With `data=` (and `n_batches=`), ranks are allocated on whitened
+        spectra and every layer is factored data-aware; `sensitivity` (default: on when `data` is
+        given) weighs each layer's spectrum by how much its output error moves the model's output;
+        with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each layer's
+        output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the
+        factors. Returns the new model; `self.report` holds the per-layer rows (with output
+        weighting, `predicted_error` and `output_error` are in the weighted norm)."""
+        check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
+                          refused)
         cands = budget_candidates(model, conv, fc, layers, exclude)
         calls, batch = probe_shapes(model, cands, input_shape, data, budget_on)
         shapes = {n: s[0] for n, s in calls.items()}
         auto = sensitivity is None
         if auto: sensitivity = data is not None
-        if sensitivity and data is None: raise ValueError('sensitivity=True needs data= (calibration batches)')
-        if isinstance(output_grams, str) and output_grams == 'sensitivity': output_grams = 'auto' if sensitivity else None
+        if sensitivity and data is None:
+            raise ValueError('sensitivity=True needs data= (calibration batches)')
+        if isinstance(output_grams, str) and output_grams == 'sensitivity':
+            output_grams = 'auto' if sensitivity else None
         nb = n_batches or 8
         grams, sens = layer_sensitivities(model, data, cands, output_grams, sensitivity, auto, nb)
         roots = layer_out_roots(grams, model, data, nb, cands)
         spectra_fn = None
-        if data is not None: spectra_fn = whitened_spectra(model, data, nb, method, cands, check_shrinkage(shrinkage), roots)
+        if data is not None:
+            spectra_fn = whitened_spectra(model, data, nb, method, cands,
+                                          check_shrinkage(shrinkage), roots)
         skipped = []
-        plans, fixed = plan_layers(model, method=method, on=budget_on, conv=conv, fc=fc, shapes=shapes,
-                                   spectra_fn=spectra_fn, layers=layers, exclude=exclude, compact=compact,
+        plans, fixed = plan_layers(model, method=method, on=budget_on, conv=conv, fc=fc,
+                                   shapes=shapes,
+                                   spectra_fn=spectra_fn, layers=layers, exclude=exclude,
+                                   compact=compact,
                                    skipped=skipped, calls=calls, batch=batch)
-        spectra_fn = None                                   # its cached spectra and any moments it still holds go
+        # its cached spectra and any moments it still holds go
+        spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
         check_plans(model, plans, skipped)
         total = fixed + sum(p.dense for p in plans)
         ranks, cost, _ = allocate(plans, budget * total, fixed)
         warn_allocation(cost, budget, total, fixed, len(plans), budget_on)
         chosen = {n: r for n, r in ranks.items() if r is not None}
-        passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches, sequential=sequential,
-                      compensate=compensate, shrinkage=shrinkage, allow_growth=allow_growth, min_speedup=min_speedup)
+        passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,
+                      sequential=sequential,
+                      compensate=compensate, shrinkage=shrinkage, allow_growth=allow_growth,
+                      min_speedup=min_speedup)
         conv_args = dict(passed, n_iter=n_iter, tol=tol, cp_iter=cp_iter)
-        out, reports = run_decomposers(model, plans, chosen, method, conv_args, dict(passed, compact=compact))
+        out, reports = run_decomposers(model, plans, chosen, method, conv_args,
+                                       dict(passed, compact=compact))
         out = finish_budget(model, out, reports, inplace)
-        self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc], layers, exclude,
+        self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
+                                     layers, exclude,
                                      calls, batch)
         self._summarize(reports, len(chosen), len(plans), cost, total, budget, budget_on, verbose)
         return out
@@ -394,7 +444,8 @@ class Budget_Decomposer:
 
 # %% ../../nbs/12_budget.ipynb #c012
 class _Decompose:
-    "`decompose(model, budget=0.5, ...)` runs `Budget_Decomposer().decompose`; its `report` is deprecated."
+    """`decompose(model, budget=0.5, ...)` runs `Budget_Decomposer().decompose`; its `report` is
+    deprecated."""
     def __init__(self): self._report = None
     def __call__(self, model: nn.Module, *args, **kwargs) -> nn.Module:
         d = Budget_Decomposer()
@@ -404,7 +455,8 @@ class _Decompose:
 
     @property
     def report(self) -> pd.DataFrame:
-        "The report of the last call (deprecated: shared by every caller; use `Budget_Decomposer().report`)."
+        """The report of the last call (deprecated: shared by every caller; use
+        `Budget_Decomposer().report`)."""
         warnings.warn('decompose.report is deprecated (the last call of anyone): use d = Budget_Decomposer(); '
                       'd.decompose(model, ...); d.report', DeprecationWarning, stacklevel=2)
         return self._report

@@ -17,7 +17,8 @@ __all__ = ['hf_checkpoint_names', 'load_decomposed']
 
 # %% ../../nbs/08_checkpoint.ipynb #c005
 def _block_guesses(m, sub: dict):
-    "Block skeletons (on 'meta') that `m` could have become, given the saved shapes `sub` (suffix → shape) under its name."
+    """Block skeletons (on 'meta') that `m` could have become, given the saved shapes `sub` (suffix
+    → shape) under its name."""
     first = sub.get('0.weight')
     if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         lin = m if isinstance(m, nn.Linear) else linear_of(m, device='meta')
@@ -29,58 +30,79 @@ def _block_guesses(m, sub: dict):
     if core is not None: tries.append(('tucker', (core[0] // g, core[1])))
     for method, ranks in tries:
         try: out.append(METHOD_LAYERS[method](m, *ranks, device='meta'))
-        except Exception: pass                                             # e.g. spatial on a 1-d conv
+        # e.g. spatial on a 1-d conv
+        except Exception: pass
     return out
 
+def _decomposable(m) -> bool:
+    "Could `m` have become a block: a Linear, a conv or a `transformers` `Conv1D`?"
+    return isinstance(m, (nn.Linear, *CONV_KINDS)) or is_hf_conv1d(m)
+
 def _known(keys, model) -> int:
-    "How many of `keys` name a tensor of `model`, or a block layer (`<layer>.<digit>...`) in place of one of its layers."
-    state, layers = set(model.state_dict()), {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_KINDS)) or is_hf_conv1d(m)}
-    return sum(k in state or any(k.startswith(f'{l}.') and k[len(l) + 1:].split('.')[0].isdigit() for l in layers) for k in keys)
+    """How many of `keys` name a tensor of `model`, or a block layer (`<layer>.<digit>...`) in place
+    of one of its layers."""
+    state = set(model.state_dict())
+    layers = {n for n, m in model.named_modules() if _decomposable(m)}
+    def in_block(k, l): return k.startswith(f'{l}.') and k[len(l) + 1:].split('.')[0].isdigit()
+    return sum(k in state or any(in_block(k, l) for l in layers) for k in keys)
 
 def hf_checkpoint_names(model: nn.Module, state_dict: dict) -> dict:
-    """`state_dict` with the checkpoint names that `transformers` (5 and later) writes on `save_pretrained` for some
-    architectures (`encoder.layer.0.intermediate.dense...` for a module named `layers.0.mlp.fc1`) renamed to the model's
-    module names, with the renamings `from_pretrained` would apply; `state_dict` itself for other models, or when no
-    renaming makes more of its keys known to `model`."""
-    if not any(c.__module__.startswith('transformers') for c in type(model).__mro__): return state_dict
+    """`state_dict` with the checkpoint names that `transformers` (5 and later) writes on
+    `save_pretrained` for some architectures (`encoder.layer.0.intermediate.dense...` for a module
+    named `layers.0.mlp.fc1`) renamed to the model's module names, with the renamings
+    `from_pretrained` would apply; `state_dict` itself for other models, or when no renaming makes
+    more of its keys known to `model`."""
+    if not any(c.__module__.startswith('transformers') for c in type(model).__mro__):
+        return state_dict
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import apply_renamings, WeightRenaming
         ren = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
         if not ren: return state_dict
         renamed = {apply_renamings(k, ren): v for k, v in state_dict.items()}
-    except Exception: return state_dict                                     # another transformers version: keys as they are
-    return renamed if len(renamed) == len(state_dict) and _known(renamed, model) > _known(state_dict, model) else state_dict
+    # another transformers version: keys as they are
+    except Exception: return state_dict
+    return renamed if len(renamed) == len(state_dict) and _known(renamed,
+                                                                 model) > _known(state_dict, model) else state_dict
 
-def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True, inplace: bool = False) -> nn.Module:
-    """`model` (the dense architecture a decomposed model came from) with the low-rank blocks that `state_dict` holds
-    rebuilt in place of their layers, and `state_dict` loaded. A copy unless `inplace`. Keys in the checkpoint names of
-    `transformers`' `save_pretrained` are renamed (`hf_checkpoint_names`); with `strict`, a tied weight the file left out
-    (safetensors stores a tied `lm_head.weight` once) is not missing."""
+def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True,
+                    inplace: bool = False) -> nn.Module:
+    """`model` (the dense architecture a decomposed model came from) with the low-rank blocks that
+    `state_dict` holds rebuilt in place of their layers, and `state_dict` loaded. A copy unless
+    `inplace`. Keys in the checkpoint names of `transformers`' `save_pretrained` are renamed
+    (`hf_checkpoint_names`); with `strict`, a tied weight the file left out (safetensors stores a
+    tied `lm_head.weight` once) is not missing."""
     check_model(model)
-    if not isinstance(state_dict, Mapping): raise TypeError(f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}')
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}')
     state_dict = hf_checkpoint_names(model, state_dict)
     work = model if inplace else safe_deepcopy(model)
     owners, seen = find_owners(work), set()
     for name, m in list(work.named_modules()):
-        if id(m) in seen or not (isinstance(m, (nn.Linear, *CONV_KINDS)) or is_hf_conv1d(m)): continue
+        if id(m) in seen or not _decomposable(m): continue
         if f'{name}.weight' in state_dict or f'{name}.0.weight' not in state_dict: continue
         seen.add(id(m))
         p = f'{name}.'
-        sub = {k[len(p):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(p) and isinstance(v, torch.Tensor)}
-        sub = {k: s for k, s in sub.items() if k.split('.')[0].isdigit()}           # the block's layers, not the layer's own buffers
+        saved = {k: v for k, v in state_dict.items() if k.startswith(p) and isinstance(v, torch.Tensor)}
+        sub = {k[len(p):]: tuple(v.shape) for k, v in saved.items()}
+        # the block's layers, not the layer's own buffers
+        sub = {k: s for k, s in sub.items() if k.split('.')[0].isdigit()}
         match = next((b for b in _block_guesses(m, sub)
                       if {k: tuple(v.shape) for k, v in b.state_dict().items()} == sub), None)
         if match is None:
-            raise ValueError(f'load_decomposed: the saved block at {name!r} ({sorted(sub.items())}) is not one this '
-                             f'{type(m).__name__} can become; was the state_dict saved from a decomposed copy of this model?')
+            raise ValueError(f'load_decomposed: the saved block at {name!r} ({sorted(sub.items())}) is not one '
+                             f'this {type(m).__name__} can become; was the state_dict saved from a decomposed copy '
+                             'of this model?')
         work = swap(work, [(m, adopt(match, m, name))], owners)
     res = work.load_state_dict(state_dict, strict=False)
     if strict:
         params = dict(work.named_parameters(remove_duplicate=False))
         loaded = {id(params[k]) for k in state_dict if k in params}
-        missing = [k for k in res.missing_keys if not (k in params and id(params[k]) in loaded)]   # tied to a loaded weight
+        # tied to a loaded weight
+        missing = [k for k in res.missing_keys if not (k in params and id(params[k]) in loaded)]
         if missing or res.unexpected_keys:
-            raise RuntimeError(f'load_decomposed: missing keys {missing[:8]}, unexpected keys {res.unexpected_keys[:8]} '
-                               f'({len(missing)} and {len(res.unexpected_keys)} in all); pass strict=False to load what matches')
+            unexpected = res.unexpected_keys
+            raise RuntimeError(f'load_decomposed: missing keys {missing[:8]}, unexpected keys {unexpected[:8]} '
+                               f'({len(missing)} and {len(unexpected)} in all); pass strict=False to load what '
+                               'matches')
     return work

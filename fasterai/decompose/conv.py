@@ -30,57 +30,64 @@ class Conv_Decomposer(Decomposer):
 
     @allow_autograd
     def decompose(self, model: nn.Module,
-                  percent_removed: float = 0.5,     # the share of each mode's rank to remove
+                  percent_removed: float = 0.5,     # share of each mode's rank to remove
                   method: str = 'tucker',           # 'tucker', 'svd', 'spatial' or 'cp'
-                  energy_threshold: float | None = None,  # keep the rank that holds this share of the energy instead
-                  layers=None,                      # only these modules (names; a module stands for what it holds)
+                  energy_threshold: float | None = None,  # or the rank holding this much energy
+                  layers=None,                      # only these modules (and what they hold)
                   exclude=None,                     # not these modules
                   n_iter: int = 10,                 # HOOI iterations (Tucker)
                   tol: float = 1e-4,                # HOOI tolerance (Tucker)
                   *,
-                  ranks: dict | None = None,        # explicit ranks per layer name (they win over every rule)
+                  ranks: dict | None = None,        # explicit ranks by layer name (win over rules)
                   rank: str | None = None,          # 'vbmf': each mode's rank by EVBMF
-                  calibration: float = 0.0,         # moves the EVBMF rank toward full (> 0) or toward 0 (< 0)
+                  calibration: float = 0.0,         # EVBMF rank toward full (> 0) or 0 (< 0)
                   allow_growth: bool = False,       # take blocks that do not shrink the layer
                   inplace: bool = False,            # swap the blocks into `model` itself
-                  input_shape=None,                 # a sample input shape: MACs, and the check that the result runs
+                  input_shape=None,                 # sample input shape: MACs, check that it runs
                   cp_iter: int = 50,                # CP-ALS iterations
                   data=None,                        # calibration batches: data-aware factors
                   n_batches: int = 8,               # how many batches of `data` to read
                   sequential: bool = True,          # statistics from the partly decomposed model
                   compensate: bool = False,         # fit each layer to the original model's outputs
-                  shrinkage='auto',                 # shrinkage of the input moments (see `InputStats.estimate`)
-                  output_grams=None,                # output weighting: None, 'auto' or a dict from `output_grams`
-                  min_speedup: float | None = None, # keep a block only when it is this much faster than its layer
+                  shrinkage='auto',                 # of the input moments (`InputStats.estimate`)
+                  output_grams=None,                # output weighting: None, 'auto' or Grams
+                  min_speedup: float | None = None, # keep only blocks this much faster
                   verbose: bool = True) -> nn.Module:
-        """Return `model` with its eligible convolutions replaced by `method` blocks; the report is in `self.report`.
-        With `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output channels by
-        how much the model's output reads them; `decompose` turns it on by default.
-        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times
-        faster than its layer at the layer's input shape (timed here; see `time_pair`)."""
+        """Return `model` with its eligible convolutions replaced by `method` blocks; the report is
+        in `self.report`. With `data`, `output_grams='auto'` (or a dict from `output_grams`) also
+        weighs each layer's output channels by how much the model's output reads them; `decompose`
+        turns it on by default. With `min_speedup` (and `input_shape` or `data`), a block is kept
+        only if it runs at least that many times faster than its layer at the layer's input shape
+        (timed here; see `time_pair`)."""
         check_model(model)
-        if method not in METHODS: raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-        check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
+        if method not in METHODS:
+            raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+        check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
+                        input_shape)
         if not (isinstance(n_iter, int) and not isinstance(n_iter, bool) and n_iter >= 1):
             raise ValueError(f'n_iter must be an int >= 1, got {n_iter!r}')
         check_range('tol', tol, 0, math.inf, lo_closed=False, hi_closed=False)
         if method == 'cp' and (energy_threshold is not None or rank == 'vbmf'):
-            raise ValueError("method='cp' takes percent_removed or ranks=; energy_threshold and rank='vbmf' need an SVD "
-                             "spectrum (use 'tucker', 'svd' or 'spatial')")
+            raise ValueError("method='cp' takes percent_removed or ranks=; energy_threshold and rank='vbmf' need an "
+                             "SVD spectrum (use 'tucker', 'svd' or 'spatial')")
         self.ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(self.ranks), {}
-        if not (isinstance(cp_iter, int) and cp_iter >= 1): raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
+        if not (isinstance(cp_iter, int) and cp_iter >= 1):
+            raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
         check_min_speedup(min_speedup, input_shape, data)
         store_attr('method,percent_removed,energy_threshold,n_iter,tol,rank,calibration,allow_growth,cp_iter,shrinkage')
-        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers,
+                                     exclude, compensate)
         cands = self.candidates(model, layers, exclude)[0]
         self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
         sample = sample_runner(model, input_shape, data)
-        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose, min_speedup=min_speedup)
+        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose,
+                        min_speedup=min_speedup)
 
     def plan_layer(self, name, conv, in_shape, work):
-        "The block for `conv` and its report row, or None and the row with the reason it stays dense."
+        """The block for `conv` and its report row, or None and the row with the reason it stays
+        dense."""
         row = dict(method=self.method)
         reason = method_reason(conv, self.method)
         if reason:
@@ -90,15 +97,18 @@ class Conv_Decomposer(Decomposer):
         st = self.stats_for(name, conv, work) if supports_stats(conv) else None
         if st is not None and st.n == 0: st = None
         aware = st is not None and self.method in ('svd', 'tucker', 'spatial')
-        Wt = layer_target(W, st) if aware else W                         # what the block should reproduce
-        P = self.root_for(name) if aware else None                        # output weighting (see `output_grams`)
+        # what the block should reproduce
+        Wt = layer_target(W, st) if aware else W
+        # output weighting (see `output_grams`)
+        P = self.root_for(name) if aware else None
         r = row['ranks'] = self.layer_ranks(name, conv, Wt, st if aware else None, P)
         why = self.growth_reason(conv, r, in_shape, row)
         if why: return None, dict(row, reason=why)
         return self.factor(conv, r, W, Wt, st, P if aware else None, aware, row)
 
     def layer_ranks(self, name, conv, Wt, st=None, P=None) -> tuple:
-        "The ranks of `conv`: from `ranks=`, else by the rank rule on the spectra of `Wt` (whitened by `st` when given)."
+        """The ranks of `conv`: from `ranks=`, else by the rank rule on the spectra of `Wt`
+        (whitened by `st` when given)."""
         full = full_ranks(conv, self.method)
         given = self.explicit_rank(self.ranks, name)
         if given is not None:
@@ -106,13 +116,16 @@ class Conv_Decomposer(Decomposer):
             return tuple(clamp_rank(v, f) for v, f in zip(check_explicit_rank(name, given, len(full)), caps))
         mats = mode_matrices(Wt.to(work_dtype(conv.weight)), self.method, conv.groups)
         by_rule = self.energy_threshold is not None or self.rank == 'vbmf'
-        if st is not None and self.method != 'spatial' and by_rule:     # output-side rank from the whitened spectrum of Σ̂
+        # output-side rank from the whitened spectrum of Σ̂
+        if st is not None and self.method != 'spatial' and by_rule:
             M = mats[0][0].double() if P is None else apply_rows(P[0], mats[0][0])
             mats[0] = [M @ whitening(st.estimate(self.shrinkage))]
-        return choose_ranks(mats, full, self.percent_removed, self.energy_threshold, self.rank, self.calibration)
+        return choose_ranks(mats, full, self.percent_removed, self.energy_threshold, self.rank,
+                            self.calibration)
 
     def growth_reason(self, conv, r, in_shape, row) -> str | None:
-        "Why the block at ranks `r` must not replace `conv` (it would not shrink it), or None; `row` gets the MACs."
+        """Why the block at ranks `r` must not replace `conv` (it would not shrink it), or None;
+        `row` gets the MACs."""
         size = tuple(in_shape[2:]) if in_shape else nominal_size(conv)
         skel = METHOD_LAYERS[self.method](conv, *r, device='meta')
         pb, pa = n_params(conv), n_params(skel)
@@ -123,11 +136,17 @@ class Conv_Decomposer(Decomposer):
         return f'would not reduce {what} at ranks {r} ({after:,} ≥ {before:,})'
 
     def factor(self, conv, r, W, Wt, st, P, aware: bool, row):
-        "The block of `conv` at ranks `r` and its row with the errors, or None when the factors are not finite."
-        if aware: facs, Wh, row['predicted_error'] = whitened_conv(Wt, self.method, r, st.sigma, self.n_iter, self.tol, P)
-        else: facs, Wh = factorize_conv(W, self.method, r, conv.groups, self.n_iter, self.tol, self.cp_iter)
+        """The block of `conv` at ranks `r` and its row with the errors, or None when the factors
+        are not finite."""
+        if aware:
+            facs, Wh, row['predicted_error'] = whitened_conv(Wt, self.method, r, st.sigma,
+                                                             self.n_iter, self.tol, P)
+        else:
+            facs, Wh = factorize_conv(W, self.method, r, conv.groups, self.n_iter, self.tol,
+                                      self.cp_iter)
         if st is not None:
-            wt, wh = (Wt, Wh) if P is None else (apply_rows(P[0], Wt.double()), apply_rows(P[0], Wh))
+            wt, wh = (Wt, Wh) if P is None else (apply_rows(P[0], Wt.double()),
+                                                 apply_rows(P[0], Wh))
             row['output_error'] = output_error(wt, wh.to(W.device), st.sigma.to(W.device))
         if not all(torch.isfinite(f).all() for f in (facs[0] if self.method == 'cp' else facs)):
             return None, dict(row, reason='factorization produced NaN/Inf')

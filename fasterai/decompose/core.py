@@ -22,37 +22,45 @@ __all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_i
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
-    "Run `f` with inference mode off: calibration needs autograd, and blocks made under `torch.inference_mode` could not be trained."
+    """Run `f` with inference mode off: calibration needs autograd, and blocks made under
+    `torch.inference_mode` could not be trained."""
     @functools.wraps(f)
     def _f(*args, **kwargs):
         with torch.inference_mode(False): return f(*args, **kwargs)
     return _f
 
 def check_names(model: nn.Module, names, arg: str):
-    "`names` (a str or a list of str) as a list; raise a ValueError naming `arg` for names not in `model`."
+    """`names` (a str or a list of str) as a list; raise a ValueError naming `arg` for names not in
+    `model`."""
     if names is None: return None
     if isinstance(names, str): names = [names]
-    if not isinstance(names, (list, tuple, set, frozenset)): raise TypeError(f'{arg} must be a module name (str) or a list of them, got {names!r}')
+    if not isinstance(names, (list, tuple, set, frozenset)):
+        raise TypeError(f'{arg} must be a module name (str) or a list of them, got {names!r}')
     known = dict(model.named_modules(remove_duplicate=False))
     for n in names:
-        if not isinstance(n, str): raise TypeError(f'{arg} must hold qualified module names (str), got {n!r}')
+        if not isinstance(n, str):
+            raise TypeError(f'{arg} must hold qualified module names (str), got {n!r}')
         if n not in known:
             close = difflib.get_close_matches(n, [k for k in known if k], n=5, cutoff=0.5)
-            raise ValueError(f'{arg}: no module named {n!r} in the model' + (f'; close names: {close}' if close else ''))
+            hint = f'; close names: {close}' if close else ''
+            raise ValueError(f'{arg}: no module named {n!r} in the model{hint}')
     return list(names)
 
 # %% ../../nbs/09_core.ipynb #c008
 def layer_input(m: nn.Module, shape) -> torch.Tensor:
-    "A random input of `shape` on `m`'s device, in its weight's dtype (timing does not depend on the values)."
+    """A random input of `shape` on `m`'s device, in its weight's dtype (timing does not depend on
+    the values)."""
     w = m.weight
     g = torch.Generator(device=w.device).manual_seed(0)
     return torch.randn(tuple(shape), generator=g, device=w.device, dtype=w.dtype)
 
-def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 50):
-    """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns (a b, then b a) under `torch.inference_mode` after a
-    warm-up, until each has run `min_time` seconds in all (at least `min_rounds`, at most `max_rounds` rounds). The
-    minimum, not the median: other work on the machine only ever adds time, and it comes in bursts that a median of a
-    few rounds does not filter."""
+def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.05,
+              min_rounds: int = 5, max_rounds: int = 50):
+    """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns (a b, then b a) under
+    `torch.inference_mode` after a warm-up, until each has run `min_time` seconds in all (at least
+    `min_rounds`, at most `max_rounds` rounds). The minimum, not the median: other work on the
+    machine only ever adds time, and it comes in bursts that a median of a few rounds does not
+    filter."""
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
     ts = ([], [])
     def once(i, m):
@@ -65,7 +73,8 @@ def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.0
             n += 1
     return tuple(1000 * min(t) for t in ts)
 
-SLOWER = 'block not faster'                                   # how a report reason starts when `min_speedup` refused the block
+# how a report reason starts when `min_speedup` refused the block
+SLOWER = 'block not faster'
 
 def slower_reason(ms_layer: float, ms_block: float, min_speedup: float) -> str | None:
     "Why a block timed at `ms_block` must not replace a layer timed at `ms_layer`, or None."
@@ -74,15 +83,22 @@ def slower_reason(ms_layer: float, ms_block: float, min_speedup: float) -> str |
             f'({ms_layer / ms_block:.2f}× < min_speedup={min_speedup})')
 
 def check_min_speedup(min_speedup, input_shape=None, data=None):
-    "Raise unless `min_speedup` is None, or a positive number with an input to time layers on (`input_shape` or `data`)."
+    """Raise unless `min_speedup` is None, or a positive number with an input to time layers on
+    (`input_shape` or `data`)."""
     if min_speedup is None: return
-    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not 0 < min_speedup < math.inf:
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup,
+                                                       (int,
+                                                        float)) or not 0 < min_speedup < math.inf:
         raise ValueError(f'min_speedup must be None or a positive number (e.g. 1.0), got {min_speedup!r}')
-    if input_shape is None and data is None: raise ValueError('min_speedup needs input_shape= or data=: each block is timed at the input shape its layer sees')
+    if input_shape is None and data is None:
+        raise ValueError('min_speedup needs input_shape= or data=: each block is timed at the input shape its '
+                         'layer sees')
 
 # %% ../../nbs/09_core.ipynb #c011
-REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before', 'macs_after',
-                  'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before', 'ms_after', 'status', 'reason']
+REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
+                  'macs_after',
+                  'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before',
+                  'ms_after', 'status', 'reason']
 
 def _done_row(name, b) -> dict:
     "The report row of a block made by an earlier pass."
@@ -90,13 +106,15 @@ def _done_row(name, b) -> dict:
                 reason='already decomposed', params_before=n_params(b), params_after=n_params(b))
 
 def _fill_costs(row, m, block, shapes, batch):
-    "Status, params after and MACs of a planned row: per sample with every call counted, and as before when left dense."
+    """Status, params after and MACs of a planned row: per sample with every call counted, and as
+    before when left dense."""
     if counts_rows(shapes, batch) and row.get('macs_before') is not None:
         row['macs_before'] = forward_macs(m, m, shapes, batch)
         if block is not None: row['macs_after'] = forward_macs(m, block, shapes, batch)
     row['status'] = 'decomposed' if block is not None else 'skipped'
     row['params_after'] = n_params(block) if block is not None else row['params_before']
-    if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']   # the reason says what it would cost
+    # the reason says what it would cost
+    if block is None and 'macs_before' in row: row['macs_after'] = row['macs_before']
 
 def _check_result_runs(work, sample):
     "Raise a RuntimeError saying why when the decomposed model does not run on the sample input."
@@ -108,7 +126,8 @@ def _check_result_runs(work, sample):
                            'that layer out with exclude=') from e
 
 def _swap_in(model, swaps):
-    "Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at the same names."
+    """Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at
+    the same names."""
     orig = dict(model.named_modules())
     return swap(model, [(orig[n], b) for n, b in swaps])
 
@@ -118,8 +137,10 @@ class Decomposer:
     block_type: type = LowRankBlock
     label = 'Decomposer'
     report: pd.DataFrame = None
-    after_layer = None                  # called as after_layer(name, layer, block or None, work model) per candidate
-    timer = staticmethod(time_pair)     # (layer, block, x) -> (ms, ms): how `min_speedup` times a block
+    # called as after_layer(name, layer, block or None, work model) per candidate
+    after_layer = None
+    # (layer, block, x) -> (ms, ms): how `min_speedup` times a block
+    timer = staticmethod(time_pair)
     _ranks_keys, _ranks_alias = (), {}
 
     def explicit_rank(self, ranks: dict, name: str):
@@ -129,18 +150,24 @@ class Decomposer:
         return ranks.get(alias) if alias is not None else None
 
     def candidates(self, model, layers=None, exclude=None):
-        "(name, module) for each handled layer, deduplicated, in registration order; and blocks already made."
-        layers, exclude = check_names(model, layers, 'layers'), check_names(model, exclude, 'exclude')
-        aliases = defaultdict(list)                                  # a module registered twice has two names
+        """(name, module) for each handled layer, deduplicated, in registration order; and blocks
+        already made."""
+        layers, exclude = check_names(model, layers,
+                                      'layers'), check_names(model, exclude, 'exclude')
+        # a module registered twice has two names
+        aliases = defaultdict(list)
         for n, m in model.named_modules(remove_duplicate=False): aliases[id(m)].append(n)
         out, blocks, inside = [], [], []
         for name, m in model.named_modules():
-            if any(name.startswith(b + '.') or b == '' for b in inside): continue    # the layers of a block are never candidates
+            # the layers of a block are never candidates
+            if any(name.startswith(b + '.') or b == '' for b in inside): continue
             names = aliases[id(m)]
             if isinstance(m, LowRankBlock):
                 inside.append(name)
-                named_inside = layers is not None and any(under(l, names) for l in layers)   # `layers=` naming a block's own layer
-                if layers is not None and not named_inside and not any(under(n, layers) for n in names): continue
+                # `layers=` naming a block's own layer
+                named_inside = layers is not None and any(under(l, names) for l in layers)
+                if layers is not None and not named_inside and not any(under(n, layers) for n in names):
+                    continue
                 if exclude is not None and any(under(n, exclude) for n in names): continue
                 blocks.append((name, m)); continue
             if layers is not None and not any(under(n, layers) for n in names): continue
@@ -148,21 +175,27 @@ class Decomposer:
             if isinstance(m, self.kinds): out.append((name, m))
         return out, [(n, b) for n, b in blocks if isinstance(b, self.block_type)]
 
-    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None, verbose=True,
+    def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None,
+            verbose=True,
             after_layer=None, min_speedup=None):
-        """Decompose `model` with `plan_layer(name, module, in_shape, work) -> (block | None, row)` (`work` the partly
-        decomposed copy); returns the new model. Work happens on a copy; each block is swapped into the copy as soon as
-        it is made, so `after_layer(name, module, block or None, work)` (given here, or set on the decomposer) sees the
-        partly decomposed model after each candidate; only a complete, checked result reaches an in-place caller.
-        With `min_speedup`, each block is timed against its layer at the layer's input shape (see `slower_reason`)."""
+        """Decompose `model` with `plan_layer(name, module, in_shape, work) -> (block | None, row)`
+        (`work` the partly decomposed copy); returns the new model. Work happens on a copy; each
+        block is swapped into the copy as soon as it is made, so `after_layer(name, module, block or
+        None, work)` (given here, or set on the decomposer) sees the partly decomposed model after
+        each candidate; only a complete, checked result reaches an in-place caller. With
+        `min_speedup`, each block is timed against its layer at the layer's input shape (see
+        `slower_reason`)."""
         check_model(model)
-        if not isinstance(inplace, bool): raise TypeError(f'inplace must be True or False, got {inplace!r}')
+        if not isinstance(inplace, bool):
+            raise TypeError(f'inplace must be True or False, got {inplace!r}')
         after_layer = after_layer or self.after_layer
         work = safe_deepcopy(model)
         cands, done = self.candidates(work, layers, exclude)
         owners, shared = find_owners(work), shared_params(work)
-        calls = call_shapes(work, dict(cands), lambda: sample(work)) if sample is not None and cands else {}
-        ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None), min_speedup=min_speedup)
+        calls = call_shapes(work, dict(cands),
+                            lambda: sample(work)) if sample is not None and cands else {}
+        ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None),
+                   min_speedup=min_speedup)
         rows, swaps = [_done_row(n, b) for n, b in done], []
         for name, m in cands:
             block, row = self._plan_one(name, m, plan_layer, work, **ctx)
@@ -172,7 +205,8 @@ class Decomposer:
                 work = swap(work, [(m, block)], owners)
             if after_layer is not None: after_layer(name, m, block, work)
         if sample is not None and swaps: _check_result_runs(work, sample)
-        self.report = pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
+        self.report = pd.DataFrame(rows,
+                                   columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
         result = _swap_in(model, swaps) if inplace else work
         if verbose: print(self.summary(model if not inplace else None, result))
         return result
@@ -201,7 +235,8 @@ class Decomposer:
         if alias is not None: self._ranks_alias[name] = alias
 
     def _timed(self, m, block, in_shape, min_speedup, row):
-        "`block`, or None when it is not `min_speedup` times faster than `m` (the times and the reason go in `row`)."
+        """`block`, or None when it is not `min_speedup` times faster than `m` (the times and the
+        reason go in `row`)."""
         row['ms_before'], row['ms_after'] = self.timer(m, block, layer_input(m, in_shape))
         slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
         if slow: block, row['reason'] = None, slow
@@ -219,23 +254,29 @@ class Decomposer:
             s += f'; model params {tb:,} → {ta:,} ({ta / max(tb, 1):.1%})'
         mb, ma = r.macs_before.dropna(), r.macs_after.dropna()
         if len(mb) and len(ma): s += f'; candidate MACs {int(mb.sum()):,} → {int(ma.sum()):,}'
-        tb, ta = r.ms_before, r.ms_after.where(r.status == 'decomposed', r.ms_before)   # a layer left dense keeps its time
+        # a layer left dense keeps its time
+        tb, ta = r.ms_before, r.ms_after.where(r.status == 'decomposed', r.ms_before)
         if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
 # %% ../../nbs/09_core.ipynb #c013
-def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape):
-    "Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a decomposer are valid."
+def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
+                    input_shape):
+    """Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a
+    decomposer are valid."""
     check_range('percent_removed', percent_removed, 0, 1, hi_closed=False)
-    if energy_threshold is not None: check_range('energy_threshold', energy_threshold, 0, 1, lo_closed=False)
+    if energy_threshold is not None:
+        check_range('energy_threshold', energy_threshold, 0, 1, lo_closed=False)
     if rank not in (None, 'vbmf'): raise ValueError(f"rank must be None or 'vbmf', got {rank!r}")
     check_range('calibration', calibration, -1, 1)
     if ranks is not None:
-        if not isinstance(ranks, dict): raise TypeError(f'ranks must be a dict of layer name → rank, got {type(ranks).__name__}')
+        if not isinstance(ranks, dict):
+            raise TypeError(f'ranks must be a dict of layer name → rank, got {type(ranks).__name__}')
         check_names(model, list(ranks), 'ranks')
         mods = dict(model.named_modules(remove_duplicate=False))
         for n in ranks:
-            if not isinstance(mods[n], (nn.Linear, *CONV_KINDS, LowRankBlock)):
-                raise ValueError(f'ranks: {n!r} is a {type(mods[n]).__name__}, not a Conv or Linear layer; give ranks per layer '
-                                 f"(e.g. {next((k for k, m in mods.items() if k.startswith(n + '.') and isinstance(m, (nn.Linear, *CONV_KINDS))), 'its layers')!r})")
+            if isinstance(mods[n], (nn.Linear, *CONV_KINDS, LowRankBlock)): continue
+            inside = (k for k, m in mods.items() if k.startswith(n + '.') and isinstance(m, (nn.Linear, *CONV_KINDS)))
+            raise ValueError(f'ranks: {n!r} is a {type(mods[n]).__name__}, not a Conv or Linear layer; give ranks '
+                             f"per layer (e.g. {next(inside, 'its layers')!r})")
     check_input_shape(input_shape)

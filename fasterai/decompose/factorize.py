@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/factorize.html.md"""
 
 # %% ../../nbs/00_factorize.ipynb #c003
 from __future__ import annotations
-import math, warnings
+import math
 import torch
 import numpy as np
 
@@ -34,9 +34,11 @@ def gram(M: torch.Tensor) -> torch.Tensor:
     a = M.detach().numpy()
     syrk = _blas.ssyrk if M.dtype == torch.float32 else _blas.dsyrk
     if a.flags.f_contiguous: G = syrk(1.0, a, trans=0)                  # a aᵀ
-    else: G = syrk(1.0, np.ascontiguousarray(a).T, trans=1)              # (aᵀ)ᵀ aᵀ, no copy when a is C-ordered
+    # (aᵀ)ᵀ aᵀ, no copy when a is C-ordered
+    else: G = syrk(1.0, np.ascontiguousarray(a).T, trans=1)
     G = torch.from_numpy(G)                                           # upper triangle filled
-    return G + G.triu(1).T                                            # eigh is slower reading the upper triangle
+    # eigh is slower reading the upper triangle
+    return G + G.triu(1).T
 
 def sym_eigh(G: torch.Tensor):
     "Eigenvalues (descending) and eigenvectors of the symmetric matrix `G`."
@@ -47,7 +49,8 @@ def sym_eigh(G: torch.Tensor):
     return w.flip(0), v.flip(1)
 
 def leading_subspace(M: torch.Tensor, r: int):
-    "Top-`r` left singular vectors (m×r, orthonormal) of `M` (m×n) and all its singular values, from `eigh` of the m×m Gram."
+    """Top-`r` left singular vectors (m×r, orthonormal) of `M` (m×n) and all its singular values,
+    from `eigh` of the m×m Gram."""
     evals, evecs = sym_eigh(gram(M))
     return evecs[:, :r].contiguous(), evals.clamp_min(0).sqrt()
 
@@ -78,18 +81,21 @@ def lowrank(M: torch.Tensor, r: int):
 
 # %% ../../nbs/00_factorize.ipynb #c015
 def channel_svd(W: torch.Tensor, r: int, groups: int = 1):
-    "Factor conv weight `W` (T, S/g, *k) per group into `first` (g·r, S/g, *k) and `second` (T, r, 1...); returns (first, second, singular values per group)."
+    """Factor conv weight `W` (T, S/g, *k) per group into `first` (g·r, S/g, *k) and `second` (T, r,
+    1...); returns (first, second, singular values per group)."""
     W = _as_work(W)
     T, Sg, *k = W.shape
     firsts, seconds, svals = [], [], []
     for Wg in W.reshape(groups, T // groups, -1):
         A, B, s = lowrank(Wg, r)                             # Wg ≈ A (T/g×r) @ B (r×S/g·k)
-        firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
+        firsts.append(B.reshape(r, Sg, *k))
+        seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
 # %% ../../nbs/00_factorize.ipynb #c017
 def spatial_svd(W: torch.Tensor, r: int, groups: int = 1):
-    "Factor a 2-d conv weight `W` (T, S/g, kh, kw) per group into `vertical` (g·r, S/g, kh, 1) and `horizontal` (T, r, 1, kw)."
+    """Factor a 2-d conv weight `W` (T, S/g, kh, kw) per group into `vertical` (g·r, S/g, kh, 1) and
+    `horizontal` (T, r, 1, kw)."""
     W = _as_work(W)
     T, Sg, kh, kw = W.shape
     Tg = T // groups
@@ -109,33 +115,41 @@ def subspace_change(U_new, U_old):
     return float(1 - (U_new.T @ U_old).pow(2).sum() / max(r, 1))
 
 def _rel_err(norm2, s, r):
-    "Relative error of the Tucker approximation whose core holds the top `r` squared singular values `s` of an unfolding."
+    """Relative error of the Tucker approximation whose core holds the top `r` squared singular
+    values `s` of an unfolding."""
     return math.sqrt(max(norm2 - float(s[:r].double().pow(2).sum()), 0.) / norm2) if norm2 > 0 else 0.
 
-def tucker2(W: torch.Tensor, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1):
-    """Tucker-2 of conv weight `W` (T, S/g, *k) by HOOI, per group. Returns `(core, U_out, U_in, info)`:
-    core (g·r_out, r_in, *k), U_out (T, r_out) stacked per group, U_in (S, r_in) stacked per group;
-    `info` has the iterations run and the relative error."""
+def tucker2(W: torch.Tensor, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4,
+            groups: int = 1):
+    """Tucker-2 of conv weight `W` (T, S/g, *k) by HOOI, per group. Returns `(core, U_out, U_in,
+    info)`: core (g·r_out, r_in, *k), U_out (T, r_out) stacked per group, U_in (S, r_in) stacked per
+    group; `info` has the iterations run and the relative error."""
     W = _as_work(W)
     T, Sg, *k = W.shape
     Tg, K = T // groups, math.prod(k)
     cores, outs, ins, iters, errs = [], [], [], [], []
     for Wg in W.reshape(groups, Tg, Sg, K):
         full_out, full_in = r_out >= Tg, r_in >= Sg
-        Wa = Wg.permute(0, 2, 1).reshape(Tg * K, Sg)                 # (t,k)×s: Y = Wa U_in is one product
-        Wb = Wg.permute(1, 2, 0).reshape(Sg * K, Tg)                 # (s,k)×t: Z = Wb U_out likewise
+        # (t,k)×s: Y = Wa U_in is one product
+        Wa = Wg.permute(0, 2, 1).reshape(Tg * K, Sg)
+        # (s,k)×t: Z = Wb U_out likewise
+        Wb = Wg.permute(1, 2, 0).reshape(Sg * K, Tg)
         norm2 = float(torch.linalg.vector_norm(Wg, dtype=torch.float64)) ** 2
         eye = lambda n: torch.eye(n, dtype=W.dtype, device=W.device)
         U_in = eye(Sg) if full_in else leading_subspace(Wb.reshape(Sg, K * Tg), r_in)[0]
         it, err, Z = 0, math.inf, None
         for it in range(1, max(n_iter, 1) + 1):
             Y = (Wa @ U_in).reshape(Tg, K * r_in)
-            if full_out: U_out, err_out = eye(Tg), math.sqrt(max(norm2 - float(torch.linalg.vector_norm(Y, dtype=torch.float64)) ** 2, 0.) / norm2) if norm2 > 0 else 0.
+            if full_out:
+                kept = float(torch.linalg.vector_norm(Y, dtype=torch.float64)) ** 2
+                U_out, err_out = eye(Tg), math.sqrt(max(norm2 - kept, 0.) / norm2) if norm2 > 0 else 0.
             else:
                 U_out, s = leading_subspace(Y, r_out)
                 err_out = _rel_err(norm2, s, r_out)
-            Z, err, stalled = None, err_out, err - err_out < tol       # the output step no longer helps either
-            if full_in or stalled: break                               # full input rank: U_out is optimal in one step
+            # the output step no longer helps either
+            Z, err, stalled = None, err_out, err - err_out < tol
+            # full input rank: U_out is optimal in one step
+            if full_in or stalled: break
             Z = (Wb @ U_out).reshape(Sg, K * r_out)
             U_new, s = leading_subspace(Z, r_in)
             err = _rel_err(norm2, s, r_in)
@@ -143,8 +157,10 @@ def tucker2(W: torch.Tensor, r_out: int, r_in: int, n_iter: int = 10, tol: float
             U_in = U_new
             if done or full_out: break
         if Z is None: Z = (Wb @ U_out).reshape(Sg, K * r_out)
-        core = (U_in.T @ Z).reshape(r_in, K, r_out).permute(2, 0, 1)   # core[r,q,k] = Σ_s U_in[s,q] Z[s,k,r]
-        cores.append(core.reshape(r_out, r_in, *k)); outs.append(U_out); ins.append(U_in); iters.append(it); errs.append(err ** 2 * norm2)
+        # core[r,q,k] = Σ_s U_in[s,q] Z[s,k,r]
+        core = (U_in.T @ Z).reshape(r_in, K, r_out).permute(2, 0, 1)
+        cores.append(core.reshape(r_out, r_in, *k))
+        outs.append(U_out); ins.append(U_in); iters.append(it); errs.append(err ** 2 * norm2)
     total = float(torch.linalg.vector_norm(W, dtype=torch.float64)) ** 2
     info = dict(iterations=max(iters), error=math.sqrt(sum(errs) / total) if total > 0 else 0.)
     return torch.cat(cores), torch.cat(outs), torch.cat(ins), info
@@ -154,19 +170,22 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
     rk = core.shape[0] // groups
     parts = []
     for g, c in enumerate(core.reshape(groups, rk, *core.shape[1:])):
-        Uo = U_out.reshape(groups, -1, U_out.shape[1])[g]; Ui = U_in.reshape(groups, -1, U_in.shape[1])[g]
+        Uo = U_out.reshape(groups, -1, U_out.shape[1])[g]
+        Ui = U_in.reshape(groups, -1, U_in.shape[1])[g]
         parts.append(torch.einsum('rq...,tr,sq->ts...', c, Uo, Ui))
     return torch.cat(parts)
 
 # %% ../../nbs/00_factorize.ipynb #c024
 def _mttkrp(X, facs, n):
-    "The mode-`n` unfolding of `X` times the Khatri–Rao product of the other factors, contracted one mode at a time (never formed)."
+    """The mode-`n` unfolding of `X` times the Khatri–Rao product of the other factors, contracted
+    one mode at a time (never formed)."""
     letters = 'abcdefgh'[:X.dim()]
     spec = ','.join([letters] + [f'{l}z' for i, l in enumerate(letters) if i != n]) + f'->{letters[n]}z'
     return torch.einsum(spec, X, *[f for i, f in enumerate(facs) if i != n])
 
 def _cp_start(X, r, init, gen):
-    "Starting factors: the leading left singular vectors of each unfolding (random columns past its size), or random."
+    """Starting factors: the leading left singular vectors of each unfolding (random columns past
+    its size), or random."""
     facs = []
     for n, d in enumerate(X.shape):
         if init == 'svd':
@@ -176,10 +195,12 @@ def _cp_start(X, r, init, gen):
         facs.append(U)
     return facs
 
-def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: str = 'svd', seed: int = 0):
-    """CP-ALS of a float64 tensor `X` with ‖X‖ = 1 at rank `r`: (weights, factors with unit columns, relative error) of the
-    best iterate. Each mode update solves its normal equations with the Hadamard product of the other factors' Grams;
-    the error comes from those Grams and the last product, so no iterate is rebuilt."""
+def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: str = 'svd',
+           seed: int = 0):
+    """CP-ALS of a float64 tensor `X` with ‖X‖ = 1 at rank `r`: (weights, factors with unit columns,
+    relative error) of the best iterate. Each mode update solves its normal equations with the
+    Hadamard product of the other factors' Grams; the error comes from those Grams and the last
+    product, so no iterate is rebuilt."""
     gen = torch.Generator().manual_seed(seed)
     facs = _cp_start(X, r, init, gen)
     grams = [f.T @ f for f in facs]
@@ -188,11 +209,13 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: s
         for n in range(X.dim()):
             V = math.prod(g for i, g in enumerate(grams) if i != n)
             M = _mttkrp(X, facs, n)
-            A = M @ torch.linalg.pinv(V, hermitian=True)                    # non-finite iterates are caught below
+            # non-finite iterates are caught below
+            A = M @ torch.linalg.pinv(V, hermitian=True)
             lam = A.norm(dim=0)
             A = A / torch.where(lam > 0, lam, torch.ones_like(lam))
             facs[n], grams[n] = A, A.T @ A
-        inner = float((M * A).sum(0) @ lam)                                   # ⟨X, X̂⟩ from the last mode's product
+        # ⟨X, X̂⟩ from the last mode's product
+        inner = float((M * A).sum(0) @ lam)
         fit2 = float(lam @ (math.prod(grams) @ lam))                          # ‖X̂‖²
         err = math.sqrt(max(1 - 2 * inner + fit2, 0.))
         if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in facs): break
@@ -202,9 +225,10 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: s
     return best
 
 def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, seed: int = 0):
-    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS (`cp_als`), from an SVD start and, when that
-    ends above 50% error, also from a random one. Returns (factors, rel_error): one matrix per mode (T×r with the weights
-    folded in, S×r, k_i×r), float64 on the CPU."""
+    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS (`cp_als`), from an
+    SVD start and, when that ends above 50% error, also from a random one. Returns (factors,
+    rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r), float64 on the
+    CPU."""
     X = W.detach().to('cpu', torch.float64)
     norm = float(torch.linalg.vector_norm(X))
     if norm == 0: return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0
@@ -215,7 +239,8 @@ def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, see
         if best is not None and best[2] < 0.5: break
     if best is None: raise FloatingPointError('CP-ALS did not produce finite factors')
     lam, facs, err = best
-    facs[0] = facs[0] * (lam * norm)                                          # fold λ·‖W‖ into the output factor
+    # fold λ·‖W‖ into the output factor
+    facs[0] = facs[0] * (lam * norm)
     return facs, float(err)
 
 def cp_weight(facs):
@@ -228,15 +253,18 @@ def mode_matrices(W, method, groups=1):
     "Per rank slot, the matrices (one per group) whose spectra set that slot's rank."
     T, Sg, *k = W.shape
     Wg = W.reshape(groups, T // groups, Sg, -1)
-    if method == 'tucker': return [[w.reshape(w.shape[0], -1) for w in Wg], [w.transpose(0, 1).reshape(Sg, -1) for w in Wg]]
+    if method == 'tucker':
+        return [[w.reshape(w.shape[0], -1) for w in Wg],
+                [w.transpose(0, 1).reshape(Sg, -1) for w in Wg]]
     if method == 'svd': return [[w.reshape(w.shape[0], -1) for w in Wg]]
     if method == 'spatial':
         return [[w.reshape(-1, Sg, *k).permute(1, 2, 0, 3).reshape(Sg * k[0], -1) for w in Wg]]
     return [[W.reshape(T, -1)]]
 
 def spectrum(M):
-    """Singular values of `M`, from the Gram of its smaller side; in float64 unless that Gram costs over 2³⁰ multiply-adds
-    (a float32 Gram loses the singular values below ~3e-4·σ₁, which `energy_threshold` near 1 needs)."""
+    """Singular values of `M`, from the Gram of its smaller side; in float64 unless that Gram costs
+    over 2³⁰ multiply-adds (a float32 Gram loses the singular values below ~3e-4·σ₁, which
+    `energy_threshold` near 1 needs)."""
     M = M if M.shape[0] <= M.shape[1] else M.T
     if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
     return leading_subspace(M, 0)[1]
@@ -246,19 +274,21 @@ def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
     "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
     T = W.shape[0]
     if method == 'tucker':
-        core, Uo, Ui, info = tucker2(W, ranks[0], ranks[1], n_iter=n_iter, tol=tol, groups=groups)
+        core, Uo, Ui, _ = tucker2(W, ranks[0], ranks[1], n_iter=n_iter, tol=tol, groups=groups)
         return (core, Uo, Ui), tucker2_weight(core, Uo, Ui, groups)
     if method == 'svd':
         first, second, _ = channel_svd(W, ranks[0], groups)
         r = ranks[0]
         Wh = torch.cat([s.reshape(T // groups, r) @ f.reshape(r, -1) for s, f in
-                        zip(second.reshape(groups, -1, r), first.reshape(groups, r, -1))]).reshape(W.shape)
+                        zip(second.reshape(groups, -1, r),
+                            first.reshape(groups, r, -1))]).reshape(W.shape)
         return (first, second), Wh
     if method == 'spatial':
         vert, hor, _ = spatial_svd(W, ranks[0], groups)
         r = ranks[0]
         Wh = torch.cat([torch.einsum('rsi,trj->tsij', v[..., 0], h[:, :, 0]) for v, h in
-                        zip(vert.reshape(groups, r, *vert.shape[1:]), hor.reshape(groups, T // groups, r, *hor.shape[2:]))])
+                        zip(vert.reshape(groups, r, *vert.shape[1:]),
+                            hor.reshape(groups, T // groups, r, *hor.shape[2:]))])
         return (vert, hor), Wh
     facs, _ = cp_factors(W, ranks[0], n_iter=cp_iter)
     return (facs,), cp_weight(facs)

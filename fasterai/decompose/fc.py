@@ -6,8 +6,6 @@ Docs: https://fasterai.github.io/fasterai/fc.html.md"""
 
 # %% ../../nbs/11_fc.ipynb #c002
 from __future__ import annotations
-import math
-import torch
 from torch import nn
 from fastcore.basics import store_attr
 from .factorize import *
@@ -31,54 +29,62 @@ class FC_Decomposer(Decomposer):
     @allow_autograd
     @with_conv1d
     def decompose(self, model: nn.Module,
-                  percent_removed: float = 0.5,     # the share of each layer's rank to remove
-                  energy_threshold: float | None = None,  # keep the rank that holds this share of the energy instead
-                  layers=None,                      # only these modules (names; a module stands for what it holds)
+                  percent_removed: float = 0.5,     # share of each layer's rank to remove
+                  energy_threshold: float | None = None,  # or the rank holding this much energy
+                  layers=None,                      # only these modules (and what they hold)
                   exclude=None,                     # not these modules
                   *,
-                  ranks: dict | None = None,        # explicit ranks per layer name (they win over every rule)
+                  ranks: dict | None = None,        # explicit ranks by layer name (win over rules)
                   rank: str | None = None,          # 'vbmf': each layer's rank by EVBMF
-                  calibration: float = 0.0,         # moves the EVBMF rank toward full (> 0) or toward 0 (< 0)
+                  calibration: float = 0.0,         # EVBMF rank toward full (> 0) or 0 (< 0)
                   allow_growth: bool = False,       # take blocks that do not shrink the layer
                   inplace: bool = False,            # swap the blocks into `model` itself
-                  input_shape=None,                 # a sample input shape: MACs, and the check that the result runs
+                  input_shape=None,                 # sample input shape: MACs, check that it runs
                   data=None,                        # calibration batches: data-aware factors
                   n_batches: int = 8,               # how many batches of `data` to read
                   sequential: bool = True,          # statistics from the partly decomposed model
                   compensate: bool = False,         # fit each layer to the original model's outputs
-                  shrinkage='auto',                 # shrinkage of the input moments (see `InputStats.estimate`)
-                  output_grams=None,                # output weighting: None, 'auto' or a dict from `output_grams`
+                  shrinkage='auto',                 # of the input moments (`InputStats.estimate`)
+                  output_grams=None,                # output weighting: None, 'auto' or Grams
                   compact: bool = False,            # store the second Linear as a `CompactLinear`
-                  min_speedup: float | None = None, # keep a block only when it is this much faster than its layer
+                  min_speedup: float | None = None, # keep only blocks this much faster
                   verbose: bool = True) -> nn.Module:
-        """Return `model` with its eligible Linear layers replaced by two thin Linears; the report is in `self.report`.
-        `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k² parameters instead of k(m+n)). With
-        `data`, `output_grams='auto'` (or a dict from `output_grams`) also weighs each layer's output features by how
-        much the model's output reads them; `decompose` turns it on by default.
-        With `min_speedup` (and `input_shape` or `data`), a block is kept only if it runs at least that many times
-        faster than its layer at the layer's input shape (timed here; see `time_pair`)."""
+        """Return `model` with its eligible Linear layers replaced by two thin Linears; the report
+        is in `self.report`. `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k²
+        parameters instead of k(m+n)). With `data`, `output_grams='auto'` (or a dict from
+        `output_grams`) also weighs each layer's output features by how much the model's output
+        reads them; `decompose` turns it on by default. With `min_speedup` (and `input_shape` or
+        `data`), a block is kept only if it runs at least that many times faster than its layer at
+        the layer's input shape (timed here; see `time_pair`)."""
         check_model(model)
-        check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration, input_shape)
+        check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
+                        input_shape)
         self.ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(self.ranks), {}
         check_shrinkage(shrinkage)
         check_min_speedup(min_speedup, input_shape, data)
-        if not isinstance(compact, bool): raise TypeError(f'compact must be True or False, got {compact!r}')
+        if not isinstance(compact, bool):
+            raise TypeError(f'compact must be True or False, got {compact!r}')
         store_attr('percent_removed,energy_threshold,rank,calibration,allow_growth,shrinkage,compact')
-        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers,
+                                     exclude, compensate)
         cands = self.candidates(model, layers, exclude)[0]
         self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
         sample = sample_runner(model, input_shape, data)
-        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose, min_speedup=min_speedup)
+        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose,
+                        min_speedup=min_speedup)
 
     def plan_layer(self, name, lin, in_shape, work):
-        "The block for `lin` and its report row, or None and the row with the reason it stays dense."
+        """The block for `lin` and its report row, or None and the row with the reason it stays
+        dense."""
         row = dict(method='svd')
         W = lin.weight.detach()
         st = self.stats_for(name, lin, work)
         if st is not None and st.n == 0: st = None
-        Wt = layer_target(W, st) if st is not None else W               # what the block should reproduce
-        P = self.root_for(name) if st is not None else None             # output weighting (see `output_grams`)
+        # what the block should reproduce
+        Wt = layer_target(W, st) if st is not None else W
+        # output weighting (see `output_grams`)
+        P = self.root_for(name) if st is not None else None
         Wp = None if st is None else Wt.double() if P is None else apply_rows(P[0], Wt.double())
         k = self.layer_rank(name, W, Wp, st)
         row['ranks'] = (k,)
@@ -88,24 +94,30 @@ class FC_Decomposer(Decomposer):
         return (compact_linear_block if self.compact else linear_block)(lin, A, B), row
 
     def layer_rank(self, name, W, Wp=None, st=None) -> int:
-        "The rank of a Linear of weight `W`: from `ranks=`, else by the rank rule (on the whitened `Wp` when `st`)."
+        """The rank of a Linear of weight `W`: from `ranks=`, else by the rank rule (on the whitened
+        `Wp` when `st`)."""
         Ww = W.to(work_dtype(W))
         if st is not None and (self.energy_threshold is not None or self.rank == 'vbmf'):
-            Ww = Wp @ whitening(st.estimate(self.shrinkage).to(W.device))   # rank rules see the whitened spectrum of Σ̂
+            # rank rules see the whitened spectrum of Σ̂
+            Ww = Wp @ whitening(st.estimate(self.shrinkage).to(W.device))
         full = min(W.shape)
         given = self.explicit_rank(self.ranks, name)
         if given is not None: return clamp_rank(check_explicit_rank(name, given, 1)[0], full)
-        if self.rank == 'vbmf': return calibrate_rank(evbmf_rank(spectrum(Ww), W.shape), full, self.calibration)
-        if self.energy_threshold is not None: return rank_from_energy(spectrum(Ww), self.energy_threshold)
+        if self.rank == 'vbmf':
+            return calibrate_rank(evbmf_rank(spectrum(Ww), W.shape), full, self.calibration)
+        if self.energy_threshold is not None:
+            return rank_from_energy(spectrum(Ww), self.energy_threshold)
         return rank_from_percent(full, self.percent_removed)
 
     def growth_reason(self, lin, k, in_shape, row) -> str | None:
-        "Why the block at rank `k` must not replace `lin` (it would not have fewer params), or None; `row` gets the MACs."
+        """Why the block at rank `k` must not replace `lin` (it would not have fewer params), or
+        None; `row` gets the MACs."""
         m, n = lin.weight.shape
         pos = linear_positions(in_shape)
         skel = linear_layers(lin, k, device='meta', compact=self.compact)
         pb, pa = n_params(lin), n_params(skel)
-        if in_shape is not None: row.update(macs_before=m * n * pos, macs_after=block_macs(skel, pos))
+        if in_shape is not None:
+            row.update(macs_before=m * n * pos, macs_after=block_macs(skel, pos))
         if self.allow_growth or pa < pb: return None
         even = f'{min(m, n)}' if self.compact else f'{m * n / (m + n):.0f}'
         return f'would not reduce params at rank {k} ({pa:,} ≥ {pb:,}); break-even rank < {even}'
@@ -118,7 +130,8 @@ class FC_Decomposer(Decomposer):
             return A, B
         sigma = st.sigma.to(W.device)
         A, B, s = whitened_lowrank(Wp, sigma, k)
-        row['predicted_error'], row['output_error'] = predicted_error(s, k), output_error(Wp, A @ B, sigma)
+        row['predicted_error'], row['output_error'] = predicted_error(s,
+                                                                      k), output_error(Wp, A @ B, sigma)
         if P is not None: A = apply_rows(P[1], A)
         row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
         return A, B

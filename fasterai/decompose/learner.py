@@ -11,14 +11,13 @@ import pandas as pd
 import torch
 from torch import nn
 from fastcore.basics import patch, store_attr
-from fastcore.meta import delegates
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 import numpy as np
-from .blocks import LowRankBlock, n_params, CONV_KINDS
+from .blocks import LowRankBlock, CONV_KINDS
 from .batches import under
 from .core import check_names
 from .conv import Conv_Decomposer
@@ -49,15 +48,18 @@ def tick_per_layer(dec, tick):
 
 # %% ../../nbs/14_learner.ipynb #c010
 def end_layers(model: nn.Module) -> tuple:
-    "Qualified names of the first and the last conv or Linear registered in `model` (for most models, the stem and the classifier)."
+    """Qualified names of the first and the last conv or Linear registered in `model` (for most
+    models, the stem and the classifier)."""
     names = [n for n, m in model.named_modules() if isinstance(m, CONV_KINDS + (nn.Linear,))]
     return (names[0], names[-1]) if names else (None, None)
 
 def _as_list(names): return [] if names is None else [names] if isinstance(names, str) else list(names)
 
 def calibration_dls(dls):
-    "`dls` with its training loader unshuffled, so that calibration reads the same batches on every call (`dls` itself if it cannot)."
-    try: return DataLoaders(dls.train.new(shuffle=False), *dls.loaders[1:], device=getattr(dls, 'device', None))
+    """`dls` with its training loader unshuffled, so that calibration reads the same batches on
+    every call (`dls` itself if it cannot)."""
+    try: return DataLoaders(dls.train.new(shuffle=False), *dls.loaders[1:],
+                            device=getattr(dls, 'device', None))
     except Exception: return dls
 
 # %% ../../nbs/14_learner.ipynb #c013
@@ -68,24 +70,29 @@ def _named(f) -> set:
 
 def _takes_any(name: str, budget) -> bool:
     "Does a decomposer that `Learner.decompose` would run take the keyword `name`?"
-    fs = [Conv_Decomposer.decompose, FC_Decomposer.decompose] + ([Budget_Decomposer.decompose] if budget is not None else [])
+    fs = [Conv_Decomposer.decompose,
+          FC_Decomposer.decompose] + ([Budget_Decomposer.decompose] if budget is not None else [])
     return any(name in _named(f) for f in fs)
 
 def _with_data(kw: dict, n_batches, calib) -> dict:
-    "`kw` with the Learner's calibration batches as `data` (unless given or `n_batches` is 0) and their count."
+    """`kw` with the Learner's calibration batches as `data` (unless given or `n_batches` is 0) and
+    their count."""
     kw = dict(kw)
     if 'data' not in kw and n_batches: kw['data'] = calib()
     if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
     return kw
 
 @patch
-def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = 'tucker', percent_removed: float = 0.5,
-              n_batches: int = 4, keep_first: bool = True, keep_last: bool = True, progress: bool = True,
+def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = 'tucker',
+              percent_removed: float = 0.5,
+              n_batches: int = 4, keep_first: bool = True, keep_last: bool = True,
+              progress: bool = True,
               budget: float | None = None, budget_on: str = 'params', **kwargs) -> pd.DataFrame:
-    """Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches` training batches; install
-    it with a new optimizer and return the report. With `budget=` (a fraction of the model's params, or of its
-    conv+linear MACs with `budget_on='macs'`), ranks come from the global allocation of `Budget_Decomposer` instead of
-    `percent_removed`. The other keywords go to the decomposers that take them (see the signature)."""
+    """Decompose `self.model`'s convs (`method`) and Linears (SVD), calibrated on `n_batches`
+    training batches; install it with a new optimizer and return the report. With `budget=` (a
+    fraction of the model's params, or of its conv+linear MACs with `budget_on='macs'`), ranks come
+    from the global allocation of `Budget_Decomposer` instead of `percent_removed`. The other
+    keywords go to the decomposers that take them (see the signature)."""
     if not (conv or fc): raise ValueError('conv and fc are both False: nothing to decompose')
     unknown = [k for k in kwargs if not _takes_any(k, budget)]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
@@ -96,7 +103,8 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     if budget is not None:
         d = Budget_Decomposer()
         kw = {'verbose': False, **_with_data(kwargs, n_batches, calib)}
-        model = d.decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv, fc=fc, **kw)
+        model = d.decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv,
+                            fc=fc, **kw)
         return self._install_decomposed(model, [d.report])
     decs = ([(Conv_Decomposer(), dict(method=method))] if conv else []) + ([(FC_Decomposer(), {})] if fc else [])
     bar = _LayerBar(self, progress, decs, kwargs)
@@ -110,9 +118,11 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     return self._install_decomposed(model, [d.report for d, _ in decs if d.report is not None])
 
 class _LayerBar:
-    "A progress bar over the candidate layers of the decomposers `decs`, ticked by their `after_layer` hook."
+    """A progress bar over the candidate layers of the decomposers `decs`, ticked by their
+    `after_layer` hook."""
     def __init__(self, learn, progress, decs, kwargs):
-        show = progress and getattr(learn, 'progress', None) is not None          # no bar under `learn.no_bar()`
+        # no bar under `learn.no_bar()`
+        show = progress and getattr(learn, 'progress', None) is not None
         layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
         self.total = sum(len(d.candidates(learn.model, layers, exclude)[0]) for d, _ in decs) if show else 0
         self.pb, self.done = (progress_bar(range(self.total), leave=False) if self.total else None), 0
@@ -125,7 +135,8 @@ class _LayerBar:
         if self.pb is not None and self.done < self.total: self.pb.update(self.total)
 
 def _learner_signature():
-    "`Learner.decompose`'s own parameters, then every keyword of the decomposers it passes on (keyword-only)."
+    """`Learner.decompose`'s own parameters, then every keyword of the decomposers it passes on
+    (keyword-only)."""
     own = [p for p in inspect.signature(Learner.decompose).parameters.values() if p.kind is not p.VAR_KEYWORD]
     seen, extra = {p.name for p in own} | {'self', 'model'}, []
     for f in (Conv_Decomposer.decompose, FC_Decomposer.decompose, Budget_Decomposer.decompose):
@@ -138,7 +149,8 @@ Learner.decompose.__signature__ = _learner_signature()
 
 @patch
 def _install_decomposed(self: Learner, model, reports):
-    "Put `model` on the Learner (on its device) with a new optimizer; keep and return the concatenated `reports`."
+    """Put `model` on the Learner (on its device) with a new optimizer; keep and return the
+    concatenated `reports`."""
     dev = getattr(self.dls, 'device', None)
     self.model = model if dev is None else model.to(dev)
     self.create_opt()
@@ -148,29 +160,36 @@ def _install_decomposed(self: Learner, model, reports):
 
 # %% ../../nbs/14_learner.ipynb #c033
 def copy_hypers(opt, hypers):
-    "Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when the counts differ)."
+    """Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when
+    the counts differ)."""
     for k in hypers[-1]:
         if k not in opt.hypers[-1]: continue
-        opt.set_hyper(k, [h[k] for h in hypers] if len(hypers) == len(opt.hypers) else hypers[-1][k])
+        opt.set_hyper(k,
+                      [h[k] for h in hypers] if len(hypers) == len(opt.hypers) else hypers[-1][k])
 
 class DecomposeCallback(Callback):
-    "Decompose the model with `learn.decompose(**decompose_kwargs)` at the start of epoch `at_epoch`, then train on."
+    """Decompose the model with `learn.decompose(**decompose_kwargs)` at the start of epoch
+    `at_epoch`, then train on."""
     def __init__(self, at_epoch: int = 1, **decompose_kwargs):
         self.at_epoch, self.decompose_kwargs, self.report = at_epoch, decompose_kwargs, None
 
     @property
-    def name(self): return 'decompose_cb'                  # the default, 'decompose', would hide `learn.decompose`
+    # the default, 'decompose', would hide `learn.decompose`
+    def name(self): return 'decompose_cb'
 
     def before_fit(self):
-        if not 0 <= self.at_epoch < self.n_epoch: raise ValueError(f'at_epoch must be in [0, {self.n_epoch}), got {self.at_epoch}')
+        if not 0 <= self.at_epoch < self.n_epoch:
+            raise ValueError(f'at_epoch must be in [0, {self.n_epoch}), got {self.at_epoch}')
 
     def before_epoch(self):
         if self.epoch != self.at_epoch or self.report is not None: return
         hypers = [dict(h) for h in self.opt.hypers]
         self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
         copy_hypers(self.learn.opt, hypers)
-        for cb in self.learn.cbs:                          # a best-so-far from the dense epochs belongs to another model:
-            if isinstance(cb, TrackerCallback):            # `SaveModelCallback` would load a dense checkpoint into the blocks
+        # a best-so-far from the dense epochs belongs to another model:
+        for cb in self.learn.cbs:
+            # `SaveModelCallback` would load a dense checkpoint into the blocks
+            if isinstance(cb, TrackerCallback):
                 cb.best = float('inf') if cb.comp == np.less else -float('inf')
                 if hasattr(cb, 'wait'): cb.wait = 0
 
@@ -184,22 +203,26 @@ DecomposeCallback.__init__.__signature__ = _callback_signature()
 
 # %% ../../nbs/14_learner.ipynb #c043
 class NuclearNormCallback(Callback):
-    """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and Linear weight under `layers`
-    to the training loss. Layers inside an already-decomposed block are left alone: the penalty prepares layers for
-    decomposition, and after a `DecomposeCallback` it stops on the layers that were replaced."""
+    """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and
+    Linear weight under `layers` to the training loss. Layers inside an already-decomposed block are
+    left alone: the penalty prepares layers for decomposition, and after a `DecomposeCallback` it
+    stops on the layers that were replaced."""
     run_valid = False
     def __init__(self, weight: float = 1e-4, layers=None, relative: bool = False):
         store_attr('weight,layers,relative')
         self.penalty, self._mods, self._for = None, [], None
 
     def modules(self):
-        "The layers to penalize in the current model (looked up again when the model is replaced, e.g. by `DecomposeCallback`)."
+        """The layers to penalize in the current model (looked up again when the model is replaced,
+        e.g. by `DecomposeCallback`)."""
         if self._for is not self.model:
             names = check_names(self.model, self.layers, 'layers')
             blocks = [n for n, m in self.model.named_modules() if isinstance(m, LowRankBlock)]
             in_block = lambda n: any(n.startswith(b + '.') or b == '' for b in blocks)
             self._mods = [m for n, m in self.model.named_modules()
-                          if isinstance(m, CONV_KINDS + (nn.Linear,)) and (names is None or under(n, names)) and not in_block(n)]
+                          if isinstance(m,
+                                        CONV_KINDS + (nn.Linear,
+                                                      )) and (names is None or under(n, names)) and not in_block(n)]
             self._for = self.model
         return self._mods
 
@@ -211,7 +234,8 @@ class NuclearNormCallback(Callback):
 
     def after_loss(self):
         mods = self.modules()
-        if not mods: self.penalty = None; return                # nothing left to penalize (e.g. all decomposed)
+        # nothing left to penalize (e.g. all decomposed)
+        if not mods: self.penalty = None; return
         pen = sum(self.norm(m.weight) for m in mods)
         self.learn.loss_grad = self.learn.loss_grad + self.weight * pen
         self.penalty = pen.detach()

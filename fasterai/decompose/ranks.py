@@ -63,7 +63,8 @@ def _evb_free_energy(sigma2, L, M, s, residual, xubar):
             + alpha * np.sum(np.log(tau / alpha + 1)) + residual / (M * sigma2) + (L - len(s)) * np.log(sigma2))
 
 def evbmf_rank(s, shape) -> int:
-    "EVBMF rank of a matrix of `shape` with singular values `s` (the zero-noise rank is capped at min(shape))."
+    """EVBMF rank of a matrix of `shape` with singular values `s` (the zero-noise rank is capped at
+    min(shape))."""
     from scipy.optimize import minimize_scalar
     s = np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu(), dtype=np.float64)
     L, M = sorted(int(d) for d in shape)
@@ -76,16 +77,19 @@ def evbmf_rank(s, shape) -> int:
     eH_ub = int(min(math.ceil(L / (1 + alpha)) - 1, H)) - 1
     total = np.sum(s ** 2)
     upper = total / (L * M)
-    lower = max(s[eH_ub + 1] ** 2 / (M * xubar) if eH_ub + 1 < H else 0.0, np.mean(s[eH_ub + 1:] ** 2) / M if eH_ub + 1 < H else 0.0)
+    lower = max(s[eH_ub + 1] ** 2 / (M * xubar) if eH_ub + 1 < H else 0.0,
+                np.mean(s[eH_ub + 1:] ** 2) / M if eH_ub + 1 < H else 0.0)
     s = np.maximum(s, 1e-300)
     lower = max(lower, upper * 1e-12)
     if not lower < upper: return clamp_rank(H, L)
-    res = minimize_scalar(_evb_free_energy, args=(L, M, s, 0.0, xubar), bounds=(lower, upper), method='bounded')
+    res = minimize_scalar(_evb_free_energy, args=(L, M, s, 0.0, xubar), bounds=(lower, upper),
+                          method='bounded')
     threshold = math.sqrt(M * res.x * (1 + tau) * (1 + alpha / tau))
     return clamp_rank(int(np.sum(s > threshold)), L)
 
 def calibrate_rank(r_vbmf: int, full: int, calibration: float = 0.0) -> int:
-    "Move the EVBMF rank toward `full` (calibration > 0) or toward 0 (< 0) in proportion to what EVBMF removed."
+    """Move the EVBMF rank toward `full` (calibration > 0) or toward 0 (< 0) in proportion to what
+    EVBMF removed."""
     check_range('calibration', calibration, -1, 1)
     r = r_vbmf + calibration * (full - r_vbmf) if calibration >= 0 else r_vbmf * (1 + calibration)
     return clamp_rank(round(r), full)
@@ -97,7 +101,8 @@ def conv_dims(conv):
     return conv.in_channels // g, conv.out_channels // g, math.prod(conv.kernel_size)
 
 def cp_rank_bound(conv):
-    "An upper bound on the CP rank of `conv`'s weight (T, S, *k): the product of all its dimensions but the largest."
+    """An upper bound on the CP rank of `conv`'s weight (T, S, *k): the product of all its
+    dimensions but the largest."""
     dims = conv.weight.shape
     return max(1, math.prod(dims) // max(dims))
 
@@ -116,17 +121,22 @@ def _slot_rank(slot, f, percent_removed, energy_threshold, rank, calibration):
     "The rank of one slot from the matrices of its groups (largest over groups)."
     if rank == 'vbmf':
         return max(calibrate_rank(evbmf_rank(spectrum(M), M.shape), min(f, min(M.shape)), calibration) for M in slot)
-    if energy_threshold is not None: return max(rank_from_energy(spectrum(M), energy_threshold) for M in slot)
+    if energy_threshold is not None:
+        return max(rank_from_energy(spectrum(M), energy_threshold) for M in slot)
     return rank_from_percent(f, percent_removed)
 
-def choose_ranks(mats, full, percent_removed=0.5, energy_threshold=None, rank=None, calibration=0.0):
-    "One rank per slot from `rank='vbmf'`, `energy_threshold` or `percent_removed` (largest over groups)."
-    rule = dict(percent_removed=percent_removed, energy_threshold=energy_threshold, rank=rank, calibration=calibration)
+def choose_ranks(mats, full, percent_removed=0.5, energy_threshold=None, rank=None,
+                 calibration=0.0):
+    """One rank per slot from `rank='vbmf'`, `energy_threshold` or `percent_removed` (largest over
+    groups)."""
+    rule = dict(percent_removed=percent_removed, energy_threshold=energy_threshold, rank=rank,
+                calibration=calibration)
     return tuple(clamp_rank(_slot_rank(slot, f, **rule), f) for slot, f in zip(mats, full))
 
 def check_explicit_rank(name, r, n_slots):
     "Validate an explicit rank from `ranks=` and return it as a tuple of `n_slots` ints."
     rs = tuple(r) if isinstance(r, (tuple, list)) else (r,) * n_slots
-    if len(rs) == n_slots and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rs): return rs
+    if len(rs) == n_slots and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in rs):
+        return rs
     tup = f" or a tuple of {n_slots} positive ints" if n_slots > 1 else ''
     raise ValueError(f"ranks[{name!r}] must be a positive int{tup}, got {r!r}")

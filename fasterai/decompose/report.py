@@ -13,55 +13,80 @@ from .stats import whitened_spectra
 from .surgery import conv1d_as_linear
 
 # %% auto #0
-__all__ = ['plot_report']
+__all__ = ['report_spectra', 'plot_report']
 
 # %% ../../nbs/13_report.ipynb #c004
-def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8, data=None, n_batches: int | None = 4,
-                shrinkage='auto'):
-    """A matplotlib figure of a decomposer's `report`: params before/after per layer (skipped layers hatched), and,
-    given the original `model`, each decomposed layer's normalized spectrum with the kept rank marked. With the
-    calibration `data` the ranks were chosen with, the spectra are those of the whitened weights (W L, L Lᵀ the
-    layer's input second moment, shrunk by `shrinkage` as the decomposers do), the ones data-aware ranks are read
-    from; else the weights' own."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-    r = report.reset_index(drop=True)
-    dec = r[r.status == 'decomposed']
-    spectra = []
-    if model is not None:
-        model = conv1d_as_linear(model)[0]                                # GPT-2's Conv1D: read as the Linear it is
-        mods = dict(model.named_modules())
-        rows = [row for _, row in dec.head(max_spectra).iterrows() if hasattr(mods.get(row['name']), 'weight')]
-        # the ranks of svd/tucker convs and Linears are read from the output-side whitened spectrum (`whitened_spectra`)
-        can = {row['name']: mods[row['name']] for row in rows if isinstance(mods[row['name']], nn.Linear) or
-               (row['method'] in ('svd', 'tucker') and getattr(mods[row['name']], 'groups', 1) == 1)}
-        white = whitened_spectra(model, data, n_batches, 'svd', can, shrinkage) if data is not None and can else None
-        for row in rows:
-            name, m = row['name'], mods[row['name']]
-            ws = white(name, m) if white is not None and name in can else None
-            if ws is not None: s = ws[0]
-            else:
-                W = m.weight.detach(); W = W.to(work_dtype(W))
-                s = spectrum(W if isinstance(m, nn.Linear) else mode_matrices(W, row['method'] if row['method'] in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0])
-            spectra.append((name, s.cpu(), row['ranks'][0]))
-    fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 8, 4), squeeze=False)
-    ax = axes[0, 0]
+def _weight_spectrum(m, method):
+    """The spectrum a rank of `m` is read from without data: its weight's, or its first mode
+    unfolding's for a conv."""
+    W = m.weight.detach()
+    W = W.to(work_dtype(W))
+    if isinstance(m, nn.Linear): return spectrum(W)
+    return spectrum(mode_matrices(W, method if method in ('tucker', 'svd', 'spatial') else 'svd', m.groups)[0][0])
+
+def report_spectra(report: pd.DataFrame, model: nn.Module, max_spectra: int = 8, data=None,
+                   n_batches: int | None = 4,
+                   shrinkage='auto') -> list:
+    """(name, spectrum, kept rank) of the first `max_spectra` decomposed layers of `report`, read
+    from the original `model`: whitened when `data` is given (for svd/tucker convs and Linears, the
+    spectra data-aware ranks come from)."""
+    # GPT-2's Conv1D: read as the Linear it is
+    model = conv1d_as_linear(model)[0]
+    mods = dict(model.named_modules())
+    dec = report[report.status == 'decomposed'].head(max_spectra)
+    rows = [row for _, row in dec.iterrows() if hasattr(mods.get(row['name']), 'weight')]
+    def readable(row):
+        m = mods[row['name']]
+        return isinstance(m,
+                          nn.Linear) or (row['method'] in ('svd', 'tucker') and getattr(m, 'groups', 1) == 1)
+    can = {row['name']: mods[row['name']] for row in rows if readable(row)}
+    white = whitened_spectra(model, data, n_batches, 'svd', can,
+                             shrinkage) if data is not None and can else None
+    out = []
+    for row in rows:
+        name, m = row['name'], mods[row['name']]
+        ws = white(name, m) if white is not None and name in can else None
+        s = ws[0] if ws is not None else _weight_spectrum(m, row['method'])
+        out.append((name, s.cpu(), row['ranks'][0]))
+    return out
+
+def _plot_params(ax, r):
+    "Params before and after per layer; the layers kept as they were are hatched and marked."
     x = range(len(r))
     ax.bar([i - 0.2 for i in x], r.params_before, 0.4, label='before', color='tab:gray')
     after = ax.bar([i + 0.2 for i in x], r.params_after, 0.4, label='after', color='tab:blue')
-    for bar, st in zip(after, r.status):
-        if st != 'decomposed': bar.set_hatch('//')                     # skipped: kept as it was
-    for i, st in enumerate(r.status):
-        if st != 'decomposed': ax.text(i, r.params_before[i], 'kept', ha='center', va='bottom', fontsize=7, rotation=90)
+    for i, (bar, st) in enumerate(zip(after, r.status)):
+        if st == 'decomposed': continue
+        bar.set_hatch('//')
+        ax.text(i, r.params_before[i], 'kept', ha='center', va='bottom', fontsize=7, rotation=90)
     ax.set_xticks(list(x)); ax.set_xticklabels(r.name, rotation=90, fontsize=7)
     ax.set_ylabel('parameters'); ax.set_title('parameters per layer'); ax.legend()
-    if spectra:
-        ax = axes[0, 1]
-        for name, s, k in spectra:
-            s = s / s[0].clamp_min(1e-30)
-            line, = ax.semilogy(range(1, len(s) + 1), s.clamp_min(1e-8), label=name)
-            ax.axvline(k, color=line.get_color(), ls=':', lw=1)
-        kind = 'whitened spectra' if data is not None else 'weight spectra'
-        ax.set_xlabel('component'); ax.set_ylabel('σ / σ₁'); ax.set_title(f'{kind} (dotted: kept rank)'); ax.legend(fontsize=7)
+
+def _plot_spectra(ax, spectra, whitened: bool):
+    "Each normalized spectrum, with its kept rank dotted."
+    for name, s, k in spectra:
+        s = s / s[0].clamp_min(1e-30)
+        line, = ax.semilogy(range(1, len(s) + 1), s.clamp_min(1e-8), label=name)
+        ax.axvline(k, color=line.get_color(), ls=':', lw=1)
+    kind = 'whitened spectra' if whitened else 'weight spectra'
+    ax.set_xlabel('component'); ax.set_ylabel('σ / σ₁')
+    ax.set_title(f'{kind} (dotted: kept rank)'); ax.legend(fontsize=7)
+
+def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8,
+                data=None,
+                n_batches: int | None = 4, shrinkage='auto'):
+    """A matplotlib figure of a decomposer's `report`: params before/after per layer (skipped layers
+    hatched), and, given the original `model`, each decomposed layer's normalized spectrum with the
+    kept rank marked. With the calibration `data` the ranks were chosen with, the spectra are those
+    of the whitened weights (W L, L Lᵀ the layer's input second moment, shrunk by `shrinkage` as the
+    decomposers do), the ones data-aware ranks are read from; else the weights' own."""
+    import matplotlib.pyplot as plt
+    r = report.reset_index(drop=True)
+    spectra = report_spectra(r, model, max_spectra, data, n_batches,
+                             shrinkage) if model is not None else []
+    fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 8, 4),
+                             squeeze=False)
+    _plot_params(axes[0, 0], r)
+    if spectra: _plot_spectra(axes[0, 1], spectra, data is not None)
     fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""How much the model's output reads each layer's output: output Jacobian Grams, their roots, and the output weighting they give.
+"""How much the model's output reads each layer's output: Jacobian Grams and their roots.
 
 Docs: https://fasterai.github.io/fasterai/sensitivity.html.md"""
 
@@ -19,19 +19,25 @@ __all__ = ['output_grams', 'gram_mean', 'output_root', 'output_sensitivity', 'ch
 
 # %% ../../nbs/06_sensitivity.ipynb #c005
 def _first_tensor(out):
-    "The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or `ModelOutput`)."
+    """The first floating-point tensor in a model's output (a tensor, a tuple/list, a dict or
+    `ModelOutput`)."""
     if isinstance(out, torch.Tensor): return out if out.is_floating_point() else None
-    vals = list(out.values()) if isinstance(out, Mapping) else list(out) if isinstance(out, (tuple, list)) else []
+    vals = list(out.values()) if isinstance(out,
+                                            Mapping) else list(out) if isinstance(out, (tuple, list)) else []
     return next((t for t in map(_first_tensor, vals) if t is not None), None)
 
 def _grad_rows(m, g, mask):
-    "A layer's output gradient as (positions, channels) rows: real tokens only for a masked (B, T, C) Linear output."
+    """A layer's output gradient as (positions, channels) rows: real tokens only for a masked (B, T,
+    C) Linear output."""
     if isinstance(m, nn.Linear): return real_tokens(m, g, mask).reshape(-1, g.shape[-1])
-    if g.dim() == len(m.kernel_size) + 1: g = g.unsqueeze(0)                # unbatched conv output (C, *spatial)
-    return g.movedim(1, -1).reshape(-1, g.shape[1])                          # conv: channels are dim 1
+    # unbatched conv output (C, *spatial)
+    if g.dim() == len(m.kernel_size) + 1: g = g.unsqueeze(0)
+    # conv: channels are dim 1
+    return g.movedim(1, -1).reshape(-1, g.shape[1])
 
 def _as_float32(v):
-    "Model inputs with their float16 tensors in float32 (integer ids, masks and other dtypes as they are)."
+    """Model inputs with their float16 tensors in float32 (integer ids, masks and other dtypes as
+    they are)."""
     if isinstance(v, torch.Tensor): return v.float() if v.dtype == torch.float16 else v
     if isinstance(v, Mapping): return {k: _as_float32(t) for k, t in v.items()}
     if isinstance(v, (tuple, list)): return type(v)(_as_float32(t) for t in v)
@@ -47,14 +53,17 @@ def _float32_copy(model, modules):
     return work, {k: inside[names[id(m)]] for k, m in modules.items()}
 
 def _add_probes(out, calls, mask, modules, acc, gen, n_probes: int) -> bool:
-    """Add `n_probes` random projections of the Jacobian of `out` at each probe in `calls` ((name, zero probe) pairs) to
-    the Grams `acc`; padded tokens of `mask` are left out. Did a gradient reach any layer?"""
+    """Add `n_probes` random projections of the Jacobian of `out` at each probe in `calls` ((name,
+    zero probe) pairs) to the Grams `acc`; padded tokens of `mask` are left out. Did a gradient
+    reach any layer?"""
     reached, zs = False, [z for _, z in calls]
     for p in range(n_probes):
         v = torch.randn(out.shape, generator=gen).to(out)
         if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
-            v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))   # padded tokens' outputs are read by nothing
-        grads = torch.autograd.grad((out * v).sum(), zs, allow_unused=True, retain_graph=p < n_probes - 1)
+            # padded tokens' outputs are read by nothing
+            v = v * mask.to(v).reshape(*mask.shape, *([1] * (out.dim() - 2)))
+        grads = torch.autograd.grad((out * v).sum(), zs, allow_unused=True,
+                                    retain_graph=p < n_probes - 1)
         for (k, _), g in zip(calls, grads):
             if g is None: continue
             reached = True
@@ -63,7 +72,8 @@ def _add_probes(out, calls, mask, modules, acc, gen, n_probes: int) -> bool:
     return reached
 
 def _check_reached(seen: bool, n: int, reached: bool, acc: dict):
-    "Raise a TypeError when the followed output was always empty, or when no gradient reached any layer."
+    """Raise a TypeError when the followed output was always empty, or when no gradient reached any
+    layer."""
     if not seen and acc:
         raise TypeError("output weighting follows the model's first float output, which was empty on every calibration "
                         'batch (a detector with no detections?)')
@@ -73,24 +83,28 @@ def _check_reached(seen: bool, n: int, reached: bool, acc: dict):
                         'them), or only through values it does not differentiate (indices, selected boxes)')
 
 def _probed_output(model, item, device, half: bool, probes: dict):
-    "The model's first float output on `item`, or None when it is empty (a detector that found nothing)."
+    """The model's first float output on `item`, or None when it is empty (a detector that found
+    nothing)."""
     if half: item = (item[0], _as_float32(item[1]))
     out = _first_tensor(run_model(model, item, device))
-    if out is None: raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
+    if out is None:
+        raise TypeError('output weighting needs a model whose output is (or contains) a float tensor')
     if out.numel() == 0: return None
     if probes and not out.requires_grad:
         raise TypeError('output weighting needs the model output to depend on its layers through autograd, but it does '
                         'not (does forward run under torch.no_grad / inference_mode, or detach its output?)')
     return out
 
-def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 8, n_probes: int = 4, seed: int = 0,
+def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 8,
+                 n_probes: int = 4, seed: int = 0,
                  max_dim: int = 2048) -> dict:
-    """Per layer in `modules` (name → Linear or conv of `model`): G = E[J^T J] summed over a batch's positions and
-    averaged over `n_probes` random projections on each of `n_batches` of `data`, J the Jacobian of the model's (first)
-    output with respect to the layer's output; a (d_out, d_out) float64 Gram, or its diagonal (d_out,) when d_out >
-    `max_dim`. A layer called several times per forward pass sums the Grams of its calls. One forward and `n_probes`
-    backward passes per batch; padded tokens (a dict batch's `attention_mask`) are left out; `model` is left as it was.
-    A float16 model is probed through a float32 copy (its small gradients would underflow to zero)."""
+    """Per layer in `modules` (name → Linear or conv of `model`): G = E[J^T J] summed over a batch's
+    positions and averaged over `n_probes` random projections on each of `n_batches` of `data`, J
+    the Jacobian of the model's (first) output with respect to the layer's output; a (d_out, d_out)
+    float64 Gram, or its diagonal (d_out,) when d_out > `max_dim`. A layer called several times per
+    forward pass sums the Grams of its calls. One forward and `n_probes` backward passes per batch;
+    padded tokens (a dict batch's `attention_mask`) are left out; `model` is left as it was. A
+    float16 model is probed through a float32 copy (its small gradients would underflow to zero)."""
     if not (isinstance(n_probes, int) and not isinstance(n_probes, bool) and n_probes >= 1):
         raise ValueError(f'n_probes must be an int >= 1, got {n_probes!r}')
     width = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in modules.items()}
@@ -101,7 +115,8 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
     def hook(name):
         def f(mod, args, out):
             z = torch.zeros_like(out, requires_grad=True)
-            probes.setdefault(name, []).append(z)                         # every call of a layer used twice
+            # every call of a layer used twice
+            probes.setdefault(name, []).append(z)
             return out + z
         return f
     device, gen = model_device(model), torch.Generator().manual_seed(seed)
@@ -113,7 +128,8 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
             seen = seen or out is not None
             if out is None or not probes: continue
             calls = [(k, z) for k, zs in probes.items() for z in zs]
-            reached = _add_probes(out, calls, token_mask(item), modules, acc, gen, n_probes) or reached
+            reached = _add_probes(out, calls, token_mask(item), modules, acc, gen,
+                                  n_probes) or reached
             n += n_probes
     _check_reached(seen, n, reached, acc)
     return {k: v / max(n, 1) for k, v in acc.items()}
@@ -124,37 +140,47 @@ def gram_mean(G) -> float:
     return float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / max(G.shape[0], 1)
 
 def output_root(G, damping: float = 0.05):
-    """(P, P⁻¹), symmetric, with P² = (1 − `damping`)·G/ḡ + `damping`·I, ḡ the mean eigenvalue of the Gram `G` (or of the
-    diagonal Gram given as a vector, then P is a vector too); the identity when G is zero."""
+    """(P, P⁻¹), symmetric, with P² = (1 − `damping`)·G/ḡ + `damping`·I, ḡ the mean eigenvalue of
+    the Gram `G` (or of the diagonal Gram given as a vector, then P is a vector too); the identity
+    when G is zero."""
     check_range('damping', damping, 0, 1, lo_closed=False)
     G = torch.as_tensor(G).detach().double()
     d = G.shape[0]
     gbar = gram_mean(G)
     if not math.isfinite(gbar): raise ValueError('output Gram has NaN/Inf entries')
-    if gbar <= 0: return (torch.ones(d, dtype=G.dtype),) * 2 if G.dim() == 1 else (torch.eye(d, dtype=G.dtype),) * 2
+    if gbar <= 0:
+        return (torch.ones(d, dtype=G.dtype),
+                ) * 2 if G.dim() == 1 else (torch.eye(d, dtype=G.dtype),) * 2
     if G.dim() == 1:
         w = ((1 - damping) * G.clamp_min(0) / gbar + damping).sqrt()
         return w, 1 / w
-    ev, V = torch.linalg.eigh((1 - damping) * (G + G.T) / (2 * gbar) + damping * torch.eye(d, dtype=G.dtype, device=G.device))
-    r = ev.clamp_min(damping).sqrt()                                          # ≥ damping in exact arithmetic
+    eye = torch.eye(d, dtype=G.dtype, device=G.device)
+    ev, V = torch.linalg.eigh((1 - damping) * (G + G.T) / (2 * gbar) + damping * eye)
+    # ≥ damping in exact arithmetic
+    r = ev.clamp_min(damping).sqrt()
     return (V * r) @ V.T, (V / r) @ V.T
 
 # %% ../../nbs/06_sensitivity.ipynb #c012
-def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | None = 4, seed: int = 0) -> dict:
-    """Per layer in `modules` (name → module of `model`): ‖J‖²_F / d_out summed over the positions of a batch and
-    averaged over `n_batches` of `data`, J the Jacobian of the model's (first) output with respect to that layer's output. Random-projection
-    estimate, one backward pass per batch (the trace of `output_grams` with one probe); `model` is left as it was (modes, hooks, no `.grad`)."""
+def output_sensitivity(model: nn.Module, data, modules: dict, n_batches: int | None = 4,
+                       seed: int = 0) -> dict:
+    """Per layer in `modules` (name → module of `model`): ‖J‖²_F / d_out summed over the positions
+    of a batch and averaged over `n_batches` of `data`, J the Jacobian of the model's (first) output
+    with respect to that layer's output. Random-projection estimate, one backward pass per batch
+    (the trace of `output_grams` with one probe); `model` is left as it was (modes, hooks, no
+    `.grad`)."""
     G = output_grams(model, data, modules, n_batches, n_probes=1, seed=seed, max_dim=0)
     return {k: gram_mean(g) for k, g in G.items()}
 
 # %% ../../nbs/06_sensitivity.ipynb #c018
 def check_grams(model, grams: Mapping):
-    "Raise a ValueError naming the layer when a given output Gram does not belong to a layer of `model` or has the wrong size."
+    """Raise a ValueError naming the layer when a given output Gram does not belong to a layer of
+    `model` or has the wrong size."""
     mods = dict(model.named_modules(remove_duplicate=False))
     for name, G in grams.items():
         if G is None: continue
         m = mods.get(name)
-        if isinstance(m, LowRankBlock): continue                               # decomposed by an earlier pass
+        # decomposed by an earlier pass
+        if isinstance(m, LowRankBlock): continue
         if m is None or not isinstance(m, (nn.Linear, *CONV_KINDS)):
             raise ValueError(f'output_grams: {name!r} is not a Linear or conv layer of the model')
         d = m.out_features if isinstance(m, nn.Linear) else m.out_channels
@@ -163,18 +189,22 @@ def check_grams(model, grams: Mapping):
                              f"{tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__}")
 
 def layer_out_roots(grams, model, data, n_batches, cands):
-    """`grams` (the `output_grams=` argument) resolved to a function name → (P, P⁻¹) or None: `None` (no output weighting), `'auto'` (Grams of
-    `cands` from `data` on `model`, see `output_grams`) or a dict name → Gram (or diagonal) as `output_grams` returns."""
+    """`grams` (the `output_grams=` argument) resolved to a function name → (P, P⁻¹) or None: `None`
+    (no output weighting), `'auto'` (Grams of `cands` from `data` on `model`, see `output_grams`) or
+    a dict name → Gram (or diagonal) as `output_grams` returns."""
     if grams is None: return lambda name: None
     if isinstance(grams, str) and grams == 'auto':
         if data is None: raise ValueError("output_grams='auto' needs data= (calibration batches)")
         grams = output_grams(model, data, dict(cands), min(n_batches, 8))
     elif not isinstance(grams, Mapping):
-        raise ValueError(f"output_grams must be None, 'auto' or a dict of layer name → output Gram, got {type(grams).__name__}")
-    elif data is None: raise ValueError('output_grams needs data= (the output weighting is applied with the input whitening)')
+        raise ValueError(f"output_grams must be None, 'auto' or a dict of layer name → output Gram, got "
+                         f"{type(grams).__name__}")
+    elif data is None:
+        raise ValueError('output_grams needs data= (the output weighting is applied with the input whitening)')
     else: check_grams(model, grams)
     roots = {}
     def f(name):
-        if name not in roots: roots[name] = output_root(grams[name]) if grams.get(name) is not None else None
+        if name not in roots:
+            roots[name] = output_root(grams[name]) if grams.get(name) is not None else None
         return roots[name]
     return f

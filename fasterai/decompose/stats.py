@@ -1,4 +1,4 @@
-"""Input second moments of a layer from a few batches, their shrinkage, and the paired moments that fit a layer to the original outputs.
+"""A layer's input second moments from a few batches, their shrinkage, and paired moments.
 
 Docs: https://fasterai.github.io/fasterai/stats.html.md"""
 
@@ -34,7 +34,8 @@ def conv_pads(conv):
     return [(p, p) for p in conv.padding]
 
 def conv_patches(conv, x):
-    "im2col patches (N, S·∏k) of `conv`'s input `x`, columns ordered as `conv.weight.reshape(T, -1)` (groups side by side)."
+    """im2col patches (N, S·∏k) of `conv`'s input `x`, columns ordered as `conv.weight.reshape(T,
+    -1)` (groups side by side)."""
     n = len(conv.kernel_size)
     if x.dim() == n + 1: x = x.unsqueeze(0)                                 # unbatched input
     flat = [v for pr in reversed(conv_pads(conv)) for v in pr]
@@ -52,27 +53,34 @@ def layer_inputs(m, x):
     return conv_patches(m, x)
 
 def supports_stats(m, grouped: bool = False) -> bool:
-    "Can input statistics be gathered for `m`? Linear and Conv1d/2d/3d (grouped convs only if `grouped`)."
-    return isinstance(m, nn.Linear) or (isinstance(m, CONV_KINDS) and not m.transposed and (grouped or m.groups == 1))
+    """Can input statistics be gathered for `m`? Linear and Conv1d/2d/3d (grouped convs only if
+    `grouped`)."""
+    return isinstance(m,
+                      nn.Linear) or (isinstance(m, CONV_KINDS) and not m.transposed and (grouped or m.groups == 1))
 
 # %% ../../nbs/05_stats.ipynb #c010
 def check_shrinkage(shrinkage):
     "Validate `shrinkage`: `'auto'` (Ledoit–Wolf) or a number in [0, 1]."
     if isinstance(shrinkage, str):
-        if shrinkage != 'auto': raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+        if shrinkage != 'auto':
+            raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
         return shrinkage
     return check_range('shrinkage', shrinkage, 0, 1)
 
-def _per_group(v, g): return None if v is None else torch.as_tensor(v, dtype=torch.float64).reshape(g, -1)
+def _per_group(v, g): return None if v is None else torch.as_tensor(v,
+                                                                    dtype=torch.float64).reshape(g, -1)
 
 def lw_shrinkage(sigma, n: int, s4, total=None, t=None) -> torch.Tensor:
-    """Ledoit–Wolf α per group for the covariance part of the second moment `sigma` ((d, d) or (g, d, d)) of `n` rows,
-    from the rows' sums Σ‖x‖⁴ (`s4`), Σx (`total`) and Σ‖x‖²x (`t`), per group; without `total` the mean is taken as 0."""
+    """Ledoit–Wolf α per group for the covariance part of the second moment `sigma` ((d, d) or (g,
+    d, d)) of `n` rows, from the rows' sums Σ‖x‖⁴ (`s4`), Σx (`total`) and Σ‖x‖²x (`t`), per group;
+    without `total` the mean is taken as 0."""
     S = (sigma if sigma.dim() == 3 else sigma[None]).double()
     g, d = S.shape[0], S.shape[-1]
     if n < 2 or s4 is None: return torch.ones(g, dtype=torch.float64)
     s4 = _per_group(s4, g).to(S.device)[:, 0]
-    if total is None: m, t = torch.zeros(g, d, dtype=S.dtype, device=S.device), torch.zeros(g, d, dtype=S.dtype, device=S.device)
+    if total is None:
+        m, t = torch.zeros(g, d, dtype=S.dtype,
+                           device=S.device), torch.zeros(g, d, dtype=S.dtype, device=S.device)
     else: m, t = _per_group(total, g).to(S.device) / n, _per_group(t, g).to(S.device)
     c = m.pow(2).sum(-1)                                                       # ‖m‖²
     trS, mSm = S.diagonal(dim1=1, dim2=2).sum(-1), torch.einsum('gi,gij,gj->g', m, S, m)
@@ -81,23 +89,29 @@ def lw_shrinkage(sigma, n: int, s4, total=None, t=None) -> torch.Tensor:
     tr = C.diagonal(dim1=1, dim2=2).sum(-1)
     mu, fro2 = tr / d, C.pow(2).sum((1, 2))
     d2 = (fro2 - 2 * mu * tr + mu.pow(2) * d).clamp_min(0)                    # ‖C − μI‖²_F
-    b2 = ((s4c / n - fro2) / n).clamp_min(0)                                  # spread of the rows' (x−m)(x−m)ᵀ around C, / n
-    return torch.where(d2 > 0, torch.minimum(b2, d2) / d2.clamp_min(1e-300), torch.zeros_like(d2)).cpu()
+    # spread of the rows' (x−m)(x−m)ᵀ around C, / n
+    b2 = ((s4c / n - fro2) / n).clamp_min(0)
+    return torch.where(d2 > 0, torch.minimum(b2, d2) / d2.clamp_min(1e-300),
+                       torch.zeros_like(d2)).cpu()
 
 def shrink(sigma, alpha, mean=None) -> torch.Tensor:
-    """m mᵀ + (1 − α)C + α·tr(C)/d·I with C = Σ − m mᵀ (the covariance), for `sigma` (d, d) or (g, d, d), α a number
-    or one per group, `mean` m per group (default 0); keeps the mean's direction and the trace."""
+    """m mᵀ + (1 − α)C + α·tr(C)/d·I with C = Σ − m mᵀ (the covariance), for `sigma` (d, d) or (g,
+    d, d), α a number or one per group, `mean` m per group (default 0); keeps the mean's direction
+    and the trace."""
     S = sigma if sigma.dim() == 3 else sigma[None]
     a = torch.as_tensor(alpha, dtype=S.dtype).reshape(-1).expand(len(S)).to(S.device)
     if not bool((a > 0).any()): return sigma
-    m = torch.zeros(S.shape[:2], dtype=S.dtype, device=S.device) if mean is None else _per_group(mean, len(S)).to(S.device, S.dtype)
+    m = torch.zeros(S.shape[:2], dtype=S.dtype,
+                    device=S.device) if mean is None else _per_group(mean,
+                                                                     len(S)).to(S.device, S.dtype)
     mu = (S.diagonal(dim1=1, dim2=2).sum(-1) - m.pow(2).sum(-1)) / S.shape[-1]
     out = S * (1 - a)[:, None, None] + a[:, None, None] * (m[:, :, None] * m[:, None, :])
     out.diagonal(dim1=1, dim2=2).add_((a * mu)[:, None])
     return out if sigma.dim() == 3 else out[0]
 
 class _Moments:
-    "The row sums (Σ‖x‖⁴, Σx, Σ‖x‖²x; per group) behind the shrinkage weight, for a stats class with `sigma`, `n`, `groups`."
+    """The row sums (Σ‖x‖⁴, Σx, Σ‖x‖²x; per group) behind the shrinkage weight, for a stats class
+    with `sigma`, `n`, `groups`."""
     _s4 = _sum = _t = None
     def _moments(self, R):
         "Fold rows `R` (g, N, d), float64, in."
@@ -111,40 +125,50 @@ class _Moments:
 
     @property
     def shrinkage(self) -> torch.Tensor:
-        "Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far the covariance should move toward a multiple of I, given how few rows it saw."
+        """Ledoit–Wolf weight α ∈ [0, 1] per group (shape (g,)): how far the covariance should move
+        toward a multiple of I, given how few rows it saw."""
         return lw_shrinkage(self.sigma, self.n, self._s4, self._sum, self._t)
 
     def estimate(self, shrinkage='auto') -> torch.Tensor:
-        "Σ̂ = m mᵀ + (1 − α)C + α·tr(C)/d·I (C = Σ − m mᵀ) with α = `self.shrinkage` (`'auto'`) or the given number in [0, 1]; 0 gives Σ."
-        return shrink(self.sigma, self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage), self.mean)
+        """Σ̂ = m mᵀ + (1 − α)C + α·tr(C)/d·I (C = Σ − m mᵀ) with α = `self.shrinkage` (`'auto'`) or
+        the given number in [0, 1]; 0 gives Σ."""
+        return shrink(self.sigma,
+                      self.shrinkage if shrinkage == 'auto' else check_shrinkage(shrinkage),
+                      self.mean)
 
 class InputStats(_Moments):
-    "Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by its weight."
+    """Running second moment Σ = E[x xᵀ] (float64, one per group) of the rows a layer multiplies by
+    its weight."""
     chunk_elems = 2 ** 24
     def __init__(self, groups: int = 1): self.groups, self.n, self._sigma = groups, 0, None
 
     def update(self, rows):
         "Fold rows (N, g·d) into the running mean of x xᵀ."
-        rows = rows.detach().double()   # float64 products: a float32 Gram of many rows is off by ~1e-7·‖Σ‖, the size of Σ's small eigenvalues
+        # float64 products: a float32 Gram of many rows is off by ~1e-7·‖Σ‖, the size of Σ's small
+        # eigenvalues
+        rows = rows.detach().double()
         nb = rows.shape[0]
         if nb == 0: return
         R = rows.reshape(nb, self.groups, -1).transpose(0, 1)              # (g, N, d)
         G = R.transpose(1, 2) @ R
         self._moments(R)
         if self.groups == 1: G = G[0]
-        if self._sigma is None: self._sigma = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
+        if self._sigma is None:
+            self._sigma = torch.zeros(G.shape, dtype=torch.float64, device=G.device)
         n = self.n + nb
         self._sigma.mul_(self.n / n).add_(G, alpha=1 / n)
         self.n = n
 
     def add(self, module, x):
-        "Fold in one input batch `x` of `module` (Linear or conv), chunked to at most ~`chunk_elems` row entries at a time."
+        """Fold in one input batch `x` of `module` (Linear or conv), chunked to at most
+        ~`chunk_elems` row entries at a time."""
         if isinstance(module, nn.Linear):
             rows = x.reshape(-1, module.in_features)
             for c in rows.split(max(1, self.chunk_elems // module.in_features)): self.update(c)
             return
         if x.dim() == len(module.kernel_size) + 1: x = x.unsqueeze(0)
-        per = max(1, x[0].numel() * math.prod(module.kernel_size))       # ≈ patch entries per sample
+        # ≈ patch entries per sample
+        per = max(1, x[0].numel() * math.prod(module.kernel_size))
         for c in x.split(max(1, self.chunk_elems // per)): self.update(conv_patches(module, c))
 
     @property
@@ -153,15 +177,18 @@ class InputStats(_Moments):
         if self._sigma is None: raise ValueError('InputStats has seen no inputs')
         return self._sigma
 
-    def __repr__(self): return f'InputStats(n={self.n}, sigma={None if self._sigma is None else tuple(self._sigma.shape)})'
+    def __repr__(self):
+        shape = None if self._sigma is None else tuple(self._sigma.shape)
+        return f'InputStats(n={self.n}, sigma={shape})'
 
 # %% ../../nbs/05_stats.ipynb #c021
 class _Stop(Exception):
     "Raised by a hook to end a forward pass early: everything needed has been seen."
 
-def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=None, stop_early: bool = False) -> dict:
-    """Input second moments (`InputStats`) of `modules` (name → module of `model`) over `n_batches` of `data`; the model
-    is left as it was."""
+def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=None,
+                  stop_early: bool = False) -> dict:
+    """Input second moments (`InputStats`) of `modules` (name → module of `model`) over `n_batches`
+    of `data`; the model is left as it was."""
     for n, m in modules.items():
         if supports_stats(m, grouped=True): continue
         raise TypeError(f'{n!r}: input statistics need nn.Linear or nn.Conv1d/2d/3d, got {type(m).__name__}')
@@ -174,7 +201,8 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
             if stop_early and len(seen) == len(stats): raise _Stop()
         return f
     device = device if device is not None else model_device(model)
-    with hooked(model, *modules.values(), pre=[(m, hook(n, m)) for n, m in modules.items()], with_kwargs=True):
+    with hooked(model, *modules.values(), pre=[(m, hook(n, m)) for n, m in modules.items()],
+                with_kwargs=True):
         for item in iter_batches(data, n_batches):
             seen.clear(); mask[0] = token_mask(item)
             try: run_model(model, item, device)
@@ -185,7 +213,8 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
 
 # %% ../../nbs/05_stats.ipynb #c028
 class PairStats(_Moments):
-    "Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃) and original (x) model."
+    """Running E[x̃ x̃ᵀ] (`sigma`) and E[x x̃ᵀ] (`cross`) of a layer's inputs in the decomposed (x̃)
+    and original (x) model."""
     groups = 1
     def __init__(self): self.sum, self.cross_sum, self.n = None, None, 0
     def update(self, x, xt):
@@ -200,12 +229,15 @@ class PairStats(_Moments):
     @property
     def cross(self): return self.cross_sum / max(self.n, 1)
 
-def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: int | None = 8) -> PairStats:
-    "`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly decomposed), on the same batches."
+def collect_pair_stats(ref_model, model, data, ref_module, module,
+                       n_batches: int | None = 8) -> PairStats:
+    """`PairStats` of one layer: its inputs in `ref_model` (original) and in `model` (partly
+    decomposed), on the same batches."""
     st, got, mask = PairStats(), {}, [None]
     def hook(key, m):
         def f(mod, args, kwargs):
-            got[key] = layer_inputs(m, real_tokens(m, args[0] if args else kwargs['input'], mask[0]))
+            got[key] = layer_inputs(m,
+                                    real_tokens(m, args[0] if args else kwargs['input'], mask[0]))
             raise _Stop()
         return f
     pre = [(ref_module, hook('ref', ref_module)), (module, hook('new', module))]
@@ -215,35 +247,45 @@ def collect_pair_stats(ref_model, model, data, ref_module, module, n_batches: in
             for key, m in (('ref', ref_model), ('new', model)):
                 try: run_model(m, item, model_device(m))
                 except _Stop: pass
-            if len(got) == 2 and got['ref'].shape == got['new'].shape: st.update(got['ref'], got['new'])
+            if len(got) == 2 and got['ref'].shape == got['new'].shape:
+                st.update(got['ref'], got['new'])
     return st
 
 def compensated_target(W, st: PairStats, ridge: float = 1e-6):
-    """M = (W C + λW)(Σ̃ + λI)⁻¹: the weight that best maps the decomposed model's inputs to the original outputs, with a
-    small ridge λ that pulls M toward W (not toward 0) in directions the calibration inputs never excite."""
+    """M = (W C + λW)(Σ̃ + λI)⁻¹: the weight that best maps the decomposed model's inputs to the
+    original outputs, with a small ridge λ that pulls M toward W (not toward 0) in directions the
+    calibration inputs never excite."""
     S = st.sigma
     d = S.shape[0]
     tr = float(S.diagonal().sum()) / d
-    lam = ridge * tr if tr > 0 else 1.                                         # all-zero inputs: M = W
+    # all-zero inputs: M = W
+    lam = ridge * tr if tr > 0 else 1.
     Sr = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
     W2 = W.reshape(W.shape[0], -1).double().to(S.device)
     return torch.linalg.solve(Sr, (W2 @ st.cross + lam * W2).T).T
 
 # %% ../../nbs/05_stats.ipynb #c031
-def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None, compensate=False):
-    """A function (name, module, work model) → statistics or None. Sequential: from the partly decomposed model, as
-    `PairStats` against the original model when `compensate` (so the layer fits the original outputs), else `InputStats`;
-    not sequential: `InputStats` of all layers from one pass over `model`."""
+def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=None,
+                compensate=False):
+    """A function (name, module, work model) → statistics or None. Sequential: from the partly
+    decomposed model, as `PairStats` against the original model when `compensate` (so the layer fits
+    the original outputs), else `InputStats`; not sequential: `InputStats` of all layers from one
+    pass over `model`."""
     if data is None: return lambda name, m, work: None
-    if not (isinstance(n_batches, int) and n_batches >= 1): raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
+    if not (isinstance(n_batches, int) and n_batches >= 1):
+        raise ValueError(f'n_batches must be an int >= 1, got {n_batches!r}')
     check_runs(model, data)
     if sequential:
         orig, counts = dict(model.named_modules()), {}
-        def once(name):                               # a layer run twice per forward needs every call's inputs
-            if not counts: counts.update(call_counts(model, data, {n: m for n, m in orig.items() if isinstance(m, kinds) and supports_stats(m)}))
+        # a layer run twice per forward needs every call's inputs
+        def once(name):
+            if not counts:
+                mods = {n: m for n, m in orig.items() if isinstance(m, kinds) and supports_stats(m)}
+                counts.update(call_counts(model, data, mods))
             return counts.get(name, 1) <= 1
         def f(name, m, work):
-            if compensate and once(name): return collect_pair_stats(model, work, data, orig[name], m, n_batches)
+            if compensate and once(name):
+                return collect_pair_stats(model, work, data, orig[name], m, n_batches)
             return collect_stats(work, data, {name: m}, n_batches, stop_early=once(name))[name]
         return f
     mods = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and supports_stats(m)}
@@ -252,7 +294,8 @@ def layer_stats(model, data, n_batches, sequential, kinds, layers=None, exclude=
     return lambda name, m, work: pre.get(name)
 
 def layer_target(W, st):
-    "The weight a layer should fit: `W`, or with `PairStats` the compensated W C Σ̃⁻¹ (same shape, float64)."
+    """The weight a layer should fit: `W`, or with `PairStats` the compensated W C Σ̃⁻¹ (same shape,
+    float64)."""
     return compensated_target(W, st).reshape(W.shape) if isinstance(st, PairStats) and st.n else W
 
 # %% ../../nbs/05_stats.ipynb #c033
@@ -262,11 +305,13 @@ def _moment_bytes(m) -> int:
     d = m.in_channels // m.groups * math.prod(m.kernel_size)
     return 8 * m.groups * d * d
 
-def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None, max_bytes: int = 2 ** 30):
-    """A function (name, layer) → spectra per rank slot of the whitened weight (output side); `roots` (name → (P, P⁻¹) or
-    None, see `layer_out_roots`) adds the output weighting. Input moments are gathered for groups of layers holding at most
-    `max_bytes` together (one calibration pass per group: one in all for most models; a segmentation head's 2048-channel
-    3×3 conv alone holds 2.7 GB), and a layer's are dropped once its spectra are read."""
+def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None,
+                     max_bytes: int = 2 ** 30):
+    """A function (name, layer) → spectra per rank slot of the whitened weight (output side);
+    `roots` (name → (P, P⁻¹) or None, see `layer_out_roots`) adds the output weighting. Input
+    moments are gathered for groups of layers holding at most `max_bytes` together (one calibration
+    pass per group: one in all for most models; a segmentation head's 2048-channel 3×3 conv alone
+    holds 2.7 GB), and a layer's are dropped once its spectra are read."""
     mods = {n: m for n, m in cands.items() if supports_stats(m)}
     groups, size = [[]], 0
     for n, m in mods.items():
@@ -277,21 +322,27 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', ro
     held, done = {}, {}
     def stats_of(name):
         if name not in held:
-            held.clear()                                                        # one group's moments at a time
-            held.update(collect_stats(model, data, {n: mods[n] for n in groups[group_of[name]] if n not in done}, n_batches))
+            # one group's moments at a time
+            held.clear()
+            group = {n: mods[n] for n in groups[group_of[name]] if n not in done}
+            held.update(collect_stats(model, data, group, n_batches))
         return held.pop(name)
     def spectra(name, m, st):
-        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')): return None
+        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')):
+            return None
         W = m.weight.detach().double()
         P = roots(name) if roots is not None else None
         if P is not None: W = apply_rows(P[0], W)
-        S = st.estimate(shrinkage).to(W.device)                                    # ranks are read from the shrunk Σ̂
+        # ranks are read from the shrunk Σ̂
+        S = st.estimate(shrinkage).to(W.device)
         Wl = W.reshape(W.shape[0], -1) @ whitening(S)
         if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
         Sc, K = W.shape[1], math.prod(W.shape[2:])
-        C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)               # channel second moment
+        # channel second moment
+        C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)
         return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
     def f(name, m):
-        if name not in done: done[name] = spectra(name, m, stats_of(name)) if name in group_of else None
+        if name not in done:
+            done[name] = spectra(name, m, stats_of(name)) if name in group_of else None
         return done[name]
     return f

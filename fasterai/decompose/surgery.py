@@ -1,4 +1,4 @@
-"""Which layers may be replaced and why not, and the one swap that puts blocks in their place; GPT-2's Conv1D as a Linear.
+"""Which layers may be replaced and why not, and the one swap; GPT-2 Conv1D as a Linear.
 
 Docs: https://fasterai.github.io/fasterai/surgery.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/surgery.html.md"""
 
 # %% ../../nbs/07_surgery.ipynb #c002
 from __future__ import annotations
-import copy, difflib, functools, inspect, re
+import copy, functools, inspect, re
 from collections import defaultdict
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ def find_owners(model: nn.Module):
     owners = defaultdict(list)
     for pname, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():
-            if child is not None: owners[id(child)].append((parent, attr, f'{pname}.{attr}' if pname else attr))
+            if child is not None:
+                owners[id(child)].append((parent, attr, f'{pname}.{attr}' if pname else attr))
     return owners
 
 def shared_params(model: nn.Module):
@@ -41,15 +42,18 @@ def _forward_source(cls) -> str:
     except (OSError, TypeError): return ''
 
 def _reads_weight(parent, path):
-    "Does `parent`'s forward read `self.<path>.weight` / `.bias` (`path` may be dotted) instead of calling the layer?"
+    """Does `parent`'s forward read `self.<path>.weight` / `.bias` (`path` may be dotted) instead of
+    calling the layer?"""
     if isinstance(parent, nn.MultiheadAttention): return True
     if isinstance(parent, _CONTAINERS): return False
-    segs = ''.join(rf'(?:\.{s}|\[{s}\])' if s.isdigit() else rf'\.{re.escape(s)}' for s in path.split('.'))   # .0 or [0]
+    def seg(s): return rf'(?:\.{s}|\[{s}\])' if s.isdigit() else rf'\.{re.escape(s)}'   # .0 or [0]
+    segs = ''.join(seg(s) for s in path.split('.'))
     return re.search(rf'{segs}\.(weight|bias)\b', _forward_source(type(parent))) is not None
 
 def holders(m: nn.Module, owners, max_depth: int = 32):
-    """(module, relative path) for every module above `m`: its parents, their parents, ... (a model's forward may read
-    `self.embeddings.patch_embeddings.projection.weight` three levels up)."""
+    """(module, relative path) for every module above `m`: its parents, their parents, ... (a
+    model's forward may read `self.embeddings.patch_embeddings.projection.weight` three levels up).
+    """
     out, todo, seen = [], [(m, '')], set()
     while todo:
         mod, rel = todo.pop()
@@ -63,20 +67,27 @@ def holders(m: nn.Module, owners, max_depth: int = 32):
 def skip_reason(m: nn.Module, base: type, owners, shared) -> str | None:
     "Why layer `m` (an instance of `base`) must be left as it is, or None."
     w = getattr(m, 'weight', None)
-    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter): return 'weight not initialized'
+    if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
+        return 'weight not initialized'
     if type(m).forward is not base.forward: return f'{type(m).__name__} overrides forward'
-    if parametrize.is_parametrized(m): return f"{' and '.join(m.parametrizations.keys())} is parametrized"
-    if m._forward_hooks or m._forward_pre_hooks: return 'has forward hooks (e.g. weight_norm/spectral_norm)'
-    if m._backward_hooks or m._backward_pre_hooks: return 'has backward hooks (a block would not call them)'
+    if parametrize.is_parametrized(m):
+        return f"{' and '.join(m.parametrizations.keys())} is parametrized"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return 'has forward hooks (e.g. weight_norm/spectral_norm)'
+    if m._backward_hooks or m._backward_pre_hooks:
+        return 'has backward hooks (a block would not call them)'
     if not w.is_floating_point(): return f'weight dtype {w.dtype} is not floating point'
     if w.is_meta: return "weight is on the 'meta' device (no values to factor)"
     if w.numel() == 0: return f'weight has a zero-size dimension {tuple(w.shape)}'
     sh = [n for n, p in m.named_parameters(recurse=False) if id(p) in shared]
     if sh: return f"{' and '.join(sh)} shared with another module"
-    if any(b.isdigit() for b in m._buffers): return 'has a buffer named like a block layer (a digit)'
+    if any(b.isdigit() for b in m._buffers):
+        return 'has a buffer named like a block layer (a digit)'
     for parent, path in holders(m, owners):
-        if _reads_weight(parent, path): return f'owner {type(parent).__name__} reads .{path}.weight directly'
-    if not torch.isfinite(w.sum()) and not torch.isfinite(w).all(): return 'weight has NaN/Inf'   # a finite sum: all finite
+        if _reads_weight(parent, path):
+            return f'owner {type(parent).__name__} reads .{path}.weight directly'
+    # a finite sum: all finite
+    if not torch.isfinite(w.sum()) and not torch.isfinite(w).all(): return 'weight has NaN/Inf'
     return None
 
 # %% ../../nbs/07_surgery.ipynb #c008
@@ -85,20 +96,23 @@ def check_model(model):
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f'model is a TorchScript module ({type(model).__name__}): its layers cannot be replaced; '
                         'decompose the eager model, then script or trace the result')
-    if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
 
 def safe_deepcopy(model: nn.Module) -> nn.Module:
-    "`copy.deepcopy`, also for modules holding non-leaf tensors as plain attributes (old-style `weight_norm`)."
+    """`copy.deepcopy`, also for modules holding non-leaf tensors as plain attributes (old-style
+    `weight_norm`)."""
     memo = {}
     for m in model.modules():
         for v in vars(m).values():
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not v.is_leaf: memo[id(v)] = v.detach().clone()
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
     return copy.deepcopy(model, memo)
 
 def swap(model: nn.Module, swaps, owners=None) -> nn.Module:
-    """Put each new module where its old one was, under every name that held it (`swaps`: (old, new) pairs; `owners`
-    from `find_owners`, found here when not given); returns the model, or the new module when the model itself was
-    replaced."""
+    """Put each new module where its old one was, under every name that held it (`swaps`: (old, new)
+    pairs; `owners` from `find_owners`, found here when not given); returns the model, or the new
+    module when the model itself was replaced."""
     owners = find_owners(model) if owners is None else owners
     for old, new in swaps:
         if old is model: return new
@@ -107,7 +121,8 @@ def swap(model: nn.Module, swaps, owners=None) -> nn.Module:
 
 # %% ../../nbs/07_surgery.ipynb #c011
 def is_hf_conv1d(m: nn.Module) -> bool:
-    "Is `m` a `transformers` `Conv1D` (a Linear with a transposed nx×nf weight), with its own forward?"
+    """Is `m` a `transformers` `Conv1D` (a Linear with a transposed nx×nf weight), with its own
+    forward?"""
     t = type(m)
     base = next((c for c in t.__mro__ if c.__name__ == 'Conv1D' and c.__module__.startswith('transformers')), None)
     return (base is not None and t.forward is base.forward and isinstance(getattr(m, 'weight', None), nn.Parameter)
@@ -118,43 +133,52 @@ def linear_of(c, device=None):
     return nn.Linear(*c.weight.shape, bias=c.bias is not None, device=device)
 
 def conv1d_as_linear(model: nn.Module):
-    "A copy of `model` with each `Conv1D` replaced by the equivalent `nn.Linear`, and the names converted; `(model, [])` if none."
+    """A copy of `model` with each `Conv1D` replaced by the equivalent `nn.Linear`, and the names
+    converted; `(model, [])` if none."""
     if not any(is_hf_conv1d(m) for m in model.modules()): return model, []
     work = safe_deepcopy(model)
     owners, names = find_owners(work), []
-    for name, m in list(work.named_modules()):                       # each module once, under its first name
+    # each module once, under its first name
+    for name, m in list(work.named_modules()):
         if not is_hf_conv1d(m): continue
         w = m.weight
-        lin = linear_of(m, 'meta').to_empty(device=w.device).to(w.dtype).requires_grad_(w.requires_grad).train(m.training)
+        lin = linear_of(m,
+                        'meta').to_empty(device=w.device).to(w.dtype).requires_grad_(w.requires_grad).train(m.training)
         with torch.no_grad():
             lin.weight.copy_(w.T)
-            if m.bias is not None: lin.bias.copy_(m.bias); lin.bias.requires_grad_(m.bias.requires_grad)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias); lin.bias.requires_grad_(m.bias.requires_grad)
         swap(work, [(m, lin)], owners)
         names.append(name)
     return work, names
 
 def restore_conv1d(model, out, names, report, inplace: bool):
-    """After decomposing `conv1d_as_linear(model)` into `out`: the `Conv1D` layers `names` that were left alone put back
-    as they were (blocks made of the others keep `nf` and `nx`), and the report's `type` saying `Conv1D`; the blocks go
-    into `model` itself when `inplace`. Returns (model, report)."""
+    """After decomposing `conv1d_as_linear(model)` into `out`: the `Conv1D` layers `names` that were
+    left alone put back as they were (blocks made of the others keep `nf` and `nx`), and the
+    report's `type` saying `Conv1D`; the blocks go into `model` itself when `inplace`. Returns
+    (model, report)."""
     rep = report.copy()
     done = set(rep.name[rep.status == 'decomposed'])
     orig, memo, owners = dict(model.named_modules(remove_duplicate=False)), {}, find_owners(out)
     for n in names:
-        if n not in done: swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners); continue
+        if n not in done:
+            swap(out, [(out.get_submodule(n), copy.deepcopy(orig[n], memo))], owners); continue
         blk = out.get_submodule(n)
-        blk.nf, blk.nx = orig[n].nf, orig[n].nx                       # it was made from the stand-in Linear
+        # it was made from the stand-in Linear
+        blk.nf, blk.nx = orig[n].nf, orig[n].nx
     rep.loc[rep.name.isin(names), 'type'] = 'Conv1D'
     if inplace and done: return swap(model, [(orig[n], out.get_submodule(n)) for n in done]), rep
     return (model if inplace else out), rep
 
 def _convertible(model) -> bool:
     "Can `model`'s `Conv1D` layers be swapped for Linears (an eager module that is not itself one)?"
-    return isinstance(model, nn.Module) and not isinstance(model, torch.jit.ScriptModule) and not is_hf_conv1d(model)
+    return isinstance(model, nn.Module) and not isinstance(model,
+                                                           torch.jit.ScriptModule) and not is_hf_conv1d(model)
 
 def with_conv1d(f):
-    """Make a decomposer's `decompose(self, model, ..., inplace=...)` also decompose `Conv1D` layers: it runs on
-    `conv1d_as_linear(model)`, then `restore_conv1d` puts the result and `self.report` right."""
+    """Make a decomposer's `decompose(self, model, ..., inplace=...)` also decompose `Conv1D`
+    layers: it runs on `conv1d_as_linear(model)`, then `restore_conv1d` puts the result and
+    `self.report` right."""
     sig = inspect.signature(f)
     @functools.wraps(f)
     def _f(self, *args, **kwargs):

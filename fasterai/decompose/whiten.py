@@ -1,4 +1,4 @@
-"""Whitening by the input second moment, and the whitened (data-aware) solvers: low rank, channel SVD, Tucker-2 and spatial SVD, with their error measures.
+"""Whitening by the input second moment, and the whitened (data-aware) solvers with their errors.
 
 Docs: https://fasterai.github.io/fasterai/whiten.html.md"""
 
@@ -16,7 +16,8 @@ __all__ = ['whitening', 'unwhiten', 'apply_rows', 'whitened_lowrank', 'output_er
 
 # %% ../../nbs/01_whiten.ipynb #c006
 def whitening(sigma, ridge: float = 1e-6):
-    "A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped eigendecomposition; batched over groups."
+    """A square root L of Σ + ridge·tr(Σ)/d·I (L Lᵀ equals it): Cholesky, else a clamped
+    eigendecomposition; batched over groups."""
     if sigma.dim() == 3: return torch.stack([whitening(s, ridge) for s in sigma])
     S = sigma.detach().double()
     d = S.shape[0]
@@ -32,20 +33,24 @@ def whitening(sigma, ridge: float = 1e-6):
     return V * ev.clamp_min(floor).sqrt()
 
 def unwhiten(B, L):
-    "B @ L⁻¹ by a triangular solve (a general solve for a non-triangular root); never an explicit inverse."
+    """B @ L⁻¹ by a triangular solve (a general solve for a non-triangular root); never an explicit
+    inverse."""
     B = B.to(L.dtype)
-    if bool((L.triu(1) == 0).all()): return torch.linalg.solve_triangular(L, B, upper=False, left=False)
+    if bool((L.triu(1) == 0).all()):
+        return torch.linalg.solve_triangular(L, B, upper=False, left=False)
     return torch.linalg.solve(L, B, left=False)
 
 def apply_rows(P, M):
-    "P @ M for a matrix `P`, diag(P) @ M for a vector; M's rows are output channels (any trailing shape)."
+    """P @ M for a matrix `P`, diag(P) @ M for a vector; M's rows are output channels (any trailing
+    shape)."""
     P = P.to(M.device)
     M2 = M.reshape(M.shape[0], -1).to(P.dtype)
     return (P @ M2 if P.dim() == 2 else P[:, None] * M2).reshape(M.shape)
 
 # %% ../../nbs/01_whiten.ipynb #c010
 def _eig_top(G, r):
-    "Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric PSD `G`."
+    """Top-`r` eigenvectors, and the square roots of all eigenvalues (descending), of a symmetric
+    PSD `G`."""
     ev, V = torch.linalg.eigh((G + G.T) / 2)
     ev, V = ev.flip(0), V.flip(1)
     return V[:, :r].contiguous(), ev.clamp_min(0).sqrt()
@@ -58,7 +63,8 @@ def _split(A, B, s):
     return (A * root).contiguous(), (B / root[:, None]).contiguous()
 
 def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6):
-    "Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for x of second moment `sigma`; and the singular values of M·L."
+    """Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for x of second moment `sigma`; and the
+    singular values of M·L."""
     M = M.detach().double()
     m, n = M.shape
     if not 0 <= r <= min(m, n): raise ValueError(f'rank must be in [0, {min(m, n)}], got {r}')
@@ -66,20 +72,24 @@ def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6):
     if S.shape != (n, n): raise ValueError(f'sigma must be {n}×{n}, got {tuple(S.shape)}')
     tr = float(S.diagonal().sum())
     if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
-    if tr <= 0: return lowrank(M, r)                                        # no signal: the weight-only answer
+    # no signal: the weight-only answer
+    if tr <= 0: return lowrank(M, r)
     if m <= n:
         U, s = _eig_top((M @ S) @ M.T + (ridge * tr / n) * (M @ M.T), r)    # M Σ' Mᵀ
-        A, B = _split(U, U.T @ M, s[:r])                                    # Uᵀ M's rows have whitened norm s
+        # Uᵀ M's rows have whitened norm s
+        A, B = _split(U, U.T @ M, s[:r])
         return A, B, s
     L = whitening(S, ridge)
-    V, s = leading_subspace((M @ L).T, r)                                   # right singular vectors of M·L
+    # right singular vectors of M·L
+    V, s = leading_subspace((M @ L).T, r)
     sr = s[:r]
     nz = torch.where(sr > 0, sr, torch.ones_like(sr))
     A, B = _split(M @ (L @ V) / nz, unwhiten(V.T, L) * nz[:, None], sr)
     return A, B, s
 
 def output_error(W, W_hat, sigma):
-    "Relative output error sqrt(tr(EΣEᵀ)/tr(WΣWᵀ)), E = W − Ŵ (rows: outputs), for `sigma` (d, d) or per group (g, d, d)."
+    """Relative output error sqrt(tr(EΣEᵀ)/tr(WΣWᵀ)), E = W − Ŵ (rows: outputs), for `sigma` (d, d)
+    or per group (g, d, d)."""
     g = 1 if sigma.dim() == 2 else sigma.shape[0]
     S = sigma.to(W.device, torch.float64).reshape(g, *sigma.shape[-2:])
     W2 = W.detach().double().reshape(g, W.shape[0] // g, -1)
@@ -88,7 +98,8 @@ def output_error(W, W_hat, sigma):
     return float(num.clamp_min(0).sqrt() / den.clamp_min(1e-300).sqrt())
 
 def predicted_error(s, r: int):
-    "Relative output error predicted by whitened singular values `s` (or a list, one per group) at rank `r`."
+    """Relative output error predicted by whitened singular values `s` (or a list, one per group) at
+    rank `r`."""
     ss = s if isinstance(s, (list, tuple)) else [s]
     lost, tot = sum(float(t[r:].pow(2).sum()) for t in ss), sum(float(t.pow(2).sum()) for t in ss)
     return math.sqrt(lost / tot) if tot > 0 else 0.0
@@ -97,36 +108,45 @@ def predicted_error(s, r: int):
 def _group_sigma(sigma, groups, d):
     "Σ as (groups, d, d): a per-group stack as is, or the diagonal blocks of a full patch Σ."
     if sigma.dim() == 3:
-        if tuple(sigma.shape) != (groups, d, d): raise ValueError(f'sigma must be ({groups}, {d}, {d}), got {tuple(sigma.shape)}')
+        if tuple(sigma.shape) != (groups, d, d):
+            raise ValueError(f'sigma must be ({groups}, {d}, {d}), got {tuple(sigma.shape)}')
         return sigma
     if tuple(sigma.shape) == (groups * d, groups * d):
         return torch.stack([sigma[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(groups)])
     raise ValueError(f'sigma of shape {tuple(sigma.shape)} does not fit {groups} group(s) of {d} inputs')
 
 def whitened_channel_svd(W, sigma, r: int, groups: int = 1, ridge: float = 1e-6):
-    "`channel_svd` of conv weight `W` (T, S/g, *k) minimizing the output error for patch second moment `sigma` (per group); float64."
+    """`channel_svd` of conv weight `W` (T, S/g, *k) minimizing the output error for patch second
+    moment `sigma` (per group); float64."""
     T, Sg, *k = W.shape
     d = Sg * math.prod(k)
     sig = _group_sigma(sigma, groups, d)
     firsts, seconds, svals = [], [], []
     for Wg, Sgm in zip(W.detach().double().reshape(groups, T // groups, d), sig):
         A, B, s = whitened_lowrank(Wg, Sgm, r, ridge)
-        firsts.append(B.reshape(r, Sg, *k)); seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
+        firsts.append(B.reshape(r, Sg, *k))
+        seconds.append(A.reshape(T // groups, r, *([1] * len(k)))); svals.append(s)
     return torch.cat(firsts), torch.cat(seconds), svals
 
 # %% ../../nbs/01_whiten.ipynb #c023
-def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4, groups: int = 1, ridge: float = 1e-6):
-    "`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second moment `sigma`; float64, `info['error']` the predicted relative error."
+def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: float = 1e-4,
+                     groups: int = 1, ridge: float = 1e-6):
+    """`tucker2` of conv weight `W` (T, S, *k) minimizing E‖(W − Ŵ)x‖² over patches x of second
+    moment `sigma`; float64, `info['error']` the predicted relative error."""
     if groups != 1: raise NotImplementedError('whitened_tucker2 handles groups=1 only')
     T, S, *k = W.shape
     K = math.prod(k); d = S * K
-    if not (1 <= r_out <= T and 1 <= r_in <= S): raise ValueError(f'ranks must be in [1, {T}] × [1, {S}], got ({r_out}, {r_in})')
+    if not (1 <= r_out <= T and 1 <= r_in <= S):
+        raise ValueError(f'ranks must be in [1, {T}] × [1, {S}], got ({r_out}, {r_in})')
     Wd = W.detach().double()
     Sig = _group_sigma(sigma.detach().to(Wd.device, torch.float64), 1, d)[0]
     tr = float(Sig.diagonal().sum())
     if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
-    core, U_out, U_in, _ = tucker2(W.detach(), r_out, r_in, n_iter=n_iter, tol=tol)   # weight-only HOOI: the start
-    if tr <= 0: return core.double(), U_out.double(), U_in.double(), dict(iterations=0, error=0.0, errors=[])   # no signal
+    # weight-only HOOI: the start
+    core, U_out, U_in, _ = tucker2(W.detach(), r_out, r_in, n_iter=n_iter, tol=tol)
+    if tr <= 0:
+        return core.double(), U_out.double(), U_in.double(), dict(iterations=0, error=0.0,
+                                                                  errors=[])   # no signal
     U_in = torch.linalg.qr(U_in.to(Wd.device, torch.float64)).Q
     lam = ridge * tr / d
     W2 = Wd.reshape(T, d)
@@ -137,18 +157,24 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
         "Exact U_out and core for input factor `U`, and the output energy they capture."
         ri = U.shape[1]
         PS = (U.T @ Sig.view(S, K * d)).view(ri * K, d)                       # P Σ (Σ is symmetric)
-        Sz = torch.einsum('isk,sb->ibk', PS.view(ri * K, S, K), U).reshape(ri * K, ri * K) + lam * torch.kron(U.T @ U, eyeK)
-        WSP = W2 @ PS.T + lam * torch.einsum('tsk,sb->tbk', Wd.reshape(T, S, K), U).reshape(T, ri * K)   # W Σ' Pᵀ
+        Sz = torch.einsum('isk,sb->ibk', PS.view(ri * K, S, K),
+                          U).reshape(ri * K, ri * K) + lam * torch.kron(U.T @ U, eyeK)
+        WSP = W2 @ PS.T + lam * torch.einsum('tsk,sb->tbk', Wd.reshape(T, S, K),
+                                             U).reshape(T, ri * K)   # W Σ' Pᵀ
         Lz, bad = torch.linalg.cholesky_ex((Sz + Sz.T) / 2)
-        Bs = torch.linalg.lstsq(Sz, WSP.T).solution.T if int(bad) else torch.cholesky_solve(WSP.T, Lz).T
+        Bs = torch.linalg.lstsq(Sz,
+                                WSP.T).solution.T if int(bad) else torch.cholesky_solve(WSP.T, Lz).T
         Q, sv = _eig_top(WSP @ Bs.T, r_out)
         return Q, Q.T @ Bs, float(sv[:r_out].pow(2).sum())
 
-    S4 = Sig.view(S, K, S, K)                                                 # separable model Σ ≈ Σ_c ⊗ Σ_k
-    Lc, Lk = whitening(S4.diagonal(dim1=1, dim2=3).sum(-1), ridge), whitening(S4.diagonal(dim1=0, dim2=2).sum(-1), ridge)
+    # separable model Σ ≈ Σ_c ⊗ Σ_k
+    S4 = Sig.view(S, K, S, K)
+    Lc, Lk = whitening(S4.diagonal(dim1=1, dim2=3).sum(-1),
+                       ridge), whitening(S4.diagonal(dim1=0, dim2=2).sum(-1), ridge)
 
     def fit_in(Q):
-        "Input factor for output factor `Q`: HOOI step in (Σ_c, Σ_k)-whitened coordinates, orthonormalized."
+        """Input factor for output factor `Q`: HOOI step in (Σ_c, Σ_k)-whitened coordinates,
+        orthonormalized."""
         Vt = (Lc.T @ (Q.T @ W2).view(-1, S, K)) @ Lk
         G = Vt.transpose(0, 1).reshape(S, -1)
         Ut, _ = _eig_top(G @ G.T, r_in)
@@ -158,16 +184,20 @@ def whitened_tucker2(W, sigma, r_out: int, r_in: int, n_iter: int = 10, tol: flo
     best, errors, it = None, [], 0
     for it in range(1, max(n_iter, 1) + 1):
         Q, C, cap = fit_out(U_in)
-        errors.append(math.sqrt(max(total - cap, 0) / total) if total > 0 else 0.)   # a zero layer (or inputs): nothing to lose
+        # a zero layer (or inputs): nothing to lose
+        errors.append(math.sqrt(max(total - cap, 0) / total) if total > 0 else 0.)
         if best is None or cap > best[3]: best = (Q, C, U_in, cap)
-        if r_in >= S: break                                                   # U_in is then optimal: done
-        if len(errors) > 1 and errors[-2] - errors[-1] < tol: break         # no longer helping (or, non-separable Σ, hurting)
+        # U_in is then optimal: done
+        if r_in >= S: break
+        # no longer helping (or, non-separable Σ, hurting)
+        if len(errors) > 1 and errors[-2] - errors[-1] < tol: break
         U_new = fit_in(Q)
         done = subspace_change(U_new, U_in) < tol
         U_in = U_new
         if done: break
     Q, C, U_in, cap = best
-    info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total) if total > 0 else 0., errors=errors)
+    info = dict(iterations=it, error=math.sqrt(max(total - cap, 0) / total) if total > 0 else 0.,
+                errors=errors)
     return C.reshape(r_out, r_in, *k).contiguous(), Q.contiguous(), U_in.contiguous(), info
 
 # %% ../../nbs/01_whiten.ipynb #c030
@@ -176,65 +206,86 @@ def _spatial_weight(V, H):
     return torch.einsum('rsi,trj->tsij', V, H)
 
 def _refit_horizontal(W2, Sr, V, kw):
-    "The H (T, R, kw) minimizing tr((W − HΦ)Σ(W − HΦ)ᵀ) for V fixed; `Sr` the ridged Σ, W2 the (T, S·kh·kw) weight."
+    """The H (T, R, kw) minimizing tr((W − HΦ)Σ(W − HΦ)ᵀ) for V fixed; `Sr` the ridged Σ, W2 the (T,
+    S·kh·kw) weight."""
     R, S, kh = V.shape
-    Phi = torch.einsum('rsi,jk->rjsik', V, torch.eye(kw, dtype=V.dtype, device=V.device)).reshape(R * kw, -1)
+    Phi = torch.einsum('rsi,jk->rjsik', V,
+                       torch.eye(kw, dtype=V.dtype, device=V.device)).reshape(R * kw, -1)
     PS = Phi @ Sr
-    Hf = torch.linalg.lstsq(PS @ Phi.T, PS @ W2.T).solution.T                  # W Σ Φᵀ (Φ Σ Φᵀ)⁻¹, Φ Σ Φᵀ symmetric
+    # W Σ Φᵀ (Φ Σ Φᵀ)⁻¹, Φ Σ Φᵀ symmetric
+    Hf = torch.linalg.lstsq(PS @ Phi.T, PS @ W2.T).solution.T
     return Hf.reshape(-1, R, kw)
 
 def whitened_spatial(W, sigma, r: int, out_root=None, ridge: float = 1e-6):
-    """Spatial-SVD factors of a Conv2d weight `W` (T, S, kh, kw) at rank `r` for patches of second moment `sigma`
-    (S·kh·kw square, columns ordered as `W.reshape(T, -1)`): `(vertical (r, S, kh, 1), horizontal (T, r, 1, kw), error)`,
-    float64, `error` the relative output error E‖(W − Ŵ)x‖ / E‖Wx‖ on `sigma` (in the ‖P·‖ norm with `out_root` = (P, P⁻¹))."""
+    """Spatial-SVD factors of a Conv2d weight `W` (T, S, kh, kw) at rank `r` for patches of second
+    moment `sigma` (S·kh·kw square, columns ordered as `W.reshape(T, -1)`): `(vertical (r, S, kh,
+    1), horizontal (T, r, 1, kw), error)`, float64, `error` the relative output error E‖(W − Ŵ)x‖ /
+    E‖Wx‖ on `sigma` (in the ‖P·‖ norm with `out_root` = (P, P⁻¹))."""
     Wd = W.detach().double()
     T, S, kh, kw = Wd.shape
     D = S * kh * kw
     Sg = sigma.detach().to(Wd.device, torch.float64)
-    if Sg.shape != (D, D): raise ValueError(f'sigma must be {D}×{D} for a {tuple(W.shape)} weight, got {tuple(Sg.shape)}')
-    if not 1 <= r <= min(S * kh, T * kw): raise ValueError(f'rank must be in [1, {min(S * kh, T * kw)}], got {r}')
+    if Sg.shape != (D, D):
+        raise ValueError(f'sigma must be {D}×{D} for a {tuple(W.shape)} weight, got {tuple(Sg.shape)}')
+    if not 1 <= r <= min(S * kh, T * kw):
+        raise ValueError(f'rank must be in [1, {min(S * kh, T * kw)}], got {r}')
     tr = float(Sg.diagonal().sum())
     if not math.isfinite(tr): raise ValueError('sigma has NaN/Inf entries')
-    Sr = Sg + (ridge * tr / D if tr > 0 else 1.) * torch.eye(D, dtype=torch.float64, device=Wd.device)
+    Sr = Sg + (ridge * tr / D if tr > 0 else 1.) * torch.eye(D, dtype=torch.float64,
+                                                             device=Wd.device)
     Wp = Wd if out_root is None else apply_rows(out_root[0], Wd)
     W2, Wp2 = Wd.reshape(T, D), Wp.reshape(T, D)
-    den = float(((Wp2 @ Sg) * Wp2).sum())                                      # errors are measured on Σ itself (the ridge only solves)
+    # errors are measured on Σ itself (the ridge only solves)
+    den = float(((Wp2 @ Sg) * Wp2).sum())
     def err(V, H):
-        E = Wp2 - (_spatial_weight(V, H) if out_root is None else apply_rows(out_root[0], _spatial_weight(V, H))).reshape(T, D)
+        Wh = _spatial_weight(V, H)
+        E = Wp2 - (Wh if out_root is None else apply_rows(out_root[0], Wh)).reshape(T, D)
         return math.sqrt(max(float(((E @ Sg) * E).sum()), 0.) / den) if den > 0 else 0.
     S4 = Sr.view(S * kh, kw, S * kh, kw)
-    LA, LB = whitening(S4.diagonal(dim1=1, dim2=3).mean(-1), ridge), whitening(S4.diagonal(dim1=0, dim2=2).mean(-1), ridge)
-    M = Wp.reshape(T, S * kh, kw).permute(1, 0, 2)                             # rows (s, i), columns (t, j)
+    LA, LB = whitening(S4.diagonal(dim1=1, dim2=3).mean(-1),
+                       ridge), whitening(S4.diagonal(dim1=0, dim2=2).mean(-1), ridge)
+    # rows (s, i), columns (t, j)
+    M = Wp.reshape(T, S * kh, kw).permute(1, 0, 2)
     starts = []
-    for left, right in ((LA, LB), (None, None)):                               # separable-whitened, and weight-only
+    # separable-whitened, and weight-only
+    for left, right in ((LA, LB), (None, None)):
         Mw = M if left is None else left.T @ (M @ right).reshape(S * kh, T * kw)
-        U = leading_subspace(Mw.reshape(S * kh, T * kw), r)[0]                 # top-r left singular vectors (Gram + eigh)
-        starts.append((U.T if left is None else unwhiten(U.T, left)).reshape(r, S, kh))    # rows of Uᵀ L_A⁻¹: V = L_A⁻ᵀ U
+        # top-r left singular vectors (Gram + eigh)
+        U = leading_subspace(Mw.reshape(S * kh, T * kw), r)[0]
+        # rows of Uᵀ L_A⁻¹: V = L_A⁻ᵀ U
+        starts.append((U.T if left is None else unwhiten(U.T, left)).reshape(r, S, kh))
     best = None
     for V in starts:
-        H = _refit_horizontal(W2, Sr, V, kw)                                   # the exact optimum for this V
+        # the exact optimum for this V
+        H = _refit_horizontal(W2, Sr, V, kw)
         e = err(V, H)
         if best is None or e < best[2]: best = (V, H, e)
     V, H, e = best
-    nv, nh = V.reshape(r, -1).norm(dim=1), H.permute(1, 0, 2).reshape(r, -1).norm(dim=1)   # balance the two factors' scales
+    # balance the two factors' scales
+    nv, nh = V.reshape(r, -1).norm(dim=1), H.permute(1, 0, 2).reshape(r, -1).norm(dim=1)
     g = torch.where((nv > 0) & (nh > 0), (nh / nv.clamp_min(1e-300)).sqrt(), torch.ones_like(nv))
     return (V * g[:, None, None]).unsqueeze(-1), (H / g[None, :, None]).unsqueeze(2), e
 
 # %% ../../nbs/01_whiten.ipynb #c035
 def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
-    """Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the rebuilt weight and the
-    predicted relative error. With `out_root` = (P, P⁻¹) from `output_root`, the error minimized (and predicted) is ‖P(W − Ŵ)x‖."""
+    """Factors of conv weight `W` minimizing the output error for patch second moment `sigma`; the
+    rebuilt weight and the predicted relative error. With `out_root` = (P, P⁻¹) from `output_root`,
+    the error minimized (and predicted) is ‖P(W − Ŵ)x‖."""
     T, S, *k = W.shape
-    Wp = W if out_root is None else apply_rows(out_root[0], W.double()).to(work_dtype(W))   # HOOI's start runs in W's work dtype
+    # HOOI's start runs in W's work dtype
+    Wp = W if out_root is None else apply_rows(out_root[0], W.double()).to(work_dtype(W))
     back = (lambda M: M) if out_root is None else (lambda M: apply_rows(out_root[1], M))
     if method == 'svd':
         r = ranks[0]
         A, B, s = whitened_lowrank(Wp.reshape(T, -1).double(), sigma, r)
         A = back(A)
-        return (B.reshape(r, S, *k), A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
+        return (B.reshape(r, S, *k),
+                A.reshape(T, r, *([1] * len(k)))), (A @ B).reshape(W.shape), predicted_error(s, r)
     if method == 'spatial':
         vert, hor, err = whitened_spatial(W, sigma, ranks[0], out_root)
         return (vert, hor), _spatial_weight(vert[..., 0], hor[:, :, 0]), err
-    core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter, tol=tol)
-    U_out = back(U_out)                                                 # the last 1×1 conv takes any matrix
+    core, U_out, U_in, info = whitened_tucker2(Wp, sigma, ranks[0], ranks[1], n_iter=n_iter,
+                                               tol=tol)
+    # the last 1×1 conv takes any matrix
+    U_out = back(U_out)
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')

@@ -21,7 +21,8 @@ __all__ = ['FOLD_COLUMNS', 'fold_weights', 'module_calls', 'read_tensors', 'chec
 
 # %% ../../nbs/15_bn_folding.ipynb #c006
 def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: _BatchNorm):
-    "Weight and bias of the layer `(w, b)` followed by `bn` in eval mode, computed in float64, cast back."
+    """Weight and bias of the layer `(w, b)` followed by `bn` in eval mode, computed in float64,
+    cast back."""
     f64 = dict(dtype=torch.float64, device=w.device)
     mean, var = bn.running_mean.to(**f64), bn.running_var.to(**f64)
     gamma = bn.weight.detach().to(**f64) if bn.weight is not None else torch.ones_like(var)
@@ -32,7 +33,8 @@ def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: _BatchNorm):
     return w2.to(w.dtype), (beta + s * (b64 - mean)).to(b.dtype if b is not None else w.dtype)
 
 # %% ../../nbs/15_bn_folding.ipynb #c010
-_PAIRS = {nn.BatchNorm1d: (nn.Conv1d, nn.Linear), nn.BatchNorm2d: (nn.Conv2d,), nn.BatchNorm3d: (nn.Conv3d,)}
+_PAIRS = {nn.BatchNorm1d: (nn.Conv1d, nn.Linear), nn.BatchNorm2d: (nn.Conv2d,),
+          nn.BatchNorm3d: (nn.Conv3d,)}
 
 def _base(m, kinds):
     "The class in `kinds` that `m` is a plain instance of (same `forward`), or None."
@@ -70,45 +72,57 @@ def _untouchable(m, read, shared=()) -> str | None:
     if m._forward_hooks or m._forward_pre_hooks: return 'has forward hooks'
     ts = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
     if any(id(t) in read for t in ts): return 'has its tensors read directly by the forward'
-    if any(id(p) in shared for p in m.parameters(recurse=False)): return 'shares its weight with another module'
+    if any(id(p) in shared for p in m.parameters(recurse=False)):
+        return 'shares its weight with another module'
     return None
 
 # %% ../../nbs/15_bn_folding.ipynb #c014
 def _bn_reason(bn, read) -> str | None:
     "Why BatchNorm `bn` itself cannot be folded into anything, or None."
     if _base(bn, _PAIRS) is None: return f'{type(bn).__name__} is not a plain BatchNorm1d/2d/3d'
-    if bn.running_mean is None or bn.running_var is None: return 'no running stats (track_running_stats=False)'
-    if not (torch.isfinite(bn.running_mean).all() and (bn.running_var + bn.eps > 0).all()): return 'running stats hold NaN/Inf or variance ≤ -eps'
+    if bn.running_mean is None or bn.running_var is None:
+        return 'no running stats (track_running_stats=False)'
+    if not (torch.isfinite(bn.running_mean).all() and (bn.running_var + bn.eps > 0).all()):
+        return 'running stats hold NaN/Inf or variance ≤ -eps'
     if (why := _untouchable(bn, read)): return f'BatchNorm {why}'
 
 def check_bn(bn, calls, names, read, shared, ndim=None):
     "`(producer name, producer, reason)` for BatchNorm `bn`; reason is None when it can be folded."
     if (why := _bn_reason(bn, read)): return None, None, why
     nodes = calls.get(id(bn), [])
-    if len(nodes) != 1: return None, None, 'not called in the traced graph' if not nodes else f'BatchNorm called {len(nodes)} times'
+    if len(nodes) != 1:
+        return None, None, 'not called in the traced graph' if not nodes else f'BatchNorm called {len(nodes)} times'
     node = nodes[0]
-    if len(node.args) != 1 or node.kwargs: return None, None, 'BatchNorm called with extra arguments'
+    if len(node.args) != 1 or node.kwargs:
+        return None, None, 'BatchNorm called with extra arguments'
     src = node.args[0]
-    if not (isinstance(src, fx.Node) and src.op == 'call_module'): return None, None, f'input is {_describe(src)}, not a Conv/Linear'
+    if not (isinstance(src, fx.Node) and src.op == 'call_module'):
+        return None, None, f'input is {_describe(src)}, not a Conv/Linear'
     p = src.graph.owning_module.get_submodule(src.target)
     pname, kinds = names[id(p)], _PAIRS[_base(bn, _PAIRS)]
     pbase = _base(p, kinds)
-    if pbase is None: return pname, p, f'producer is {type(p).__name__}, not {"/".join(k.__name__ for k in kinds)}'
-    if len(src.users) > 1: return pname, p, f'producer output also feeds {", ".join(u.name for u in src.users if u is not node)}'
+    if pbase is None:
+        return pname, p, f'producer is {type(p).__name__}, not {"/".join(k.__name__ for k in kinds)}'
+    if len(src.users) > 1:
+        return pname, p, f'producer output also feeds {", ".join(u.name for u in src.users if u is not node)}'
     if len(calls[id(p)]) > 1: return pname, p, f'producer called {len(calls[id(p)])} times'
     if (why := _untouchable(p, read, shared)): return pname, p, f'producer {why}'
     if not p.weight.is_floating_point(): return pname, p, f'producer weight dtype {p.weight.dtype}'
     n_out = p.out_features if pbase is nn.Linear else p.out_channels
-    if n_out != bn.num_features: return pname, p, f'producer has {n_out} outputs, BatchNorm {bn.num_features} features'
+    if n_out != bn.num_features:
+        return pname, p, f'producer has {n_out} outputs, BatchNorm {bn.num_features} features'
     want = 2 if pbase is nn.Linear else p.weight.ndim
-    if ndim is not None and ndim != want: return pname, p, f'BatchNorm input is {ndim}-D, expected {want}-D (N, C, ...)'
+    if ndim is not None and ndim != want:
+        return pname, p, f'BatchNorm input is {ndim}-D, expected {want}-D (N, C, ...)'
     return pname, p, None
 
 # %% ../../nbs/15_bn_folding.ipynb #c016
 def input_ndims(model: nn.Module, bns: dict, sample) -> dict:
-    "id(BatchNorm) → the rank of its input when `model` runs on `sample` (a tensor or a tuple) in eval mode."
+    """id(BatchNorm) → the rank of its input when `model` runs on `sample` (a tensor or a tuple) in
+    eval mode."""
     ndims = {}
-    def record(m, args): ndims.setdefault(id(m), args[0].ndim)    # returns None: the input is left as is
+    # returns None: the input is left as is
+    def record(m, args): ndims.setdefault(id(m), args[0].ndim)
     with hooked(model, pre=[(m, record) for m in bns.values()]):
         model(*(sample if isinstance(sample, (tuple, list)) else (sample,)))
     return ndims
@@ -123,18 +137,24 @@ def _set_bias(p, b):
 FOLD_COLUMNS = ['bn', 'producer', 'folded', 'reason']
 
 class BN_Folder:
-    "Fold BatchNorm layers into the Conv/Linear that feeds them, as found by tracing the model with torch.fx."
+    """Fold BatchNorm layers into the Conv/Linear that feeds them, as found by tracing the model
+    with torch.fx."""
     report: pd.DataFrame = None
 
-    def fold(self, model: nn.Module, inplace: bool = False, sample=None, verbose: bool = True) -> nn.Module:
-        "Fold every foldable BatchNorm of `model` (a copy unless `inplace`); see `self.report` for each one."
-        if not isinstance(model, nn.Module): raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
+    def fold(self, model: nn.Module, inplace: bool = False, sample=None,
+             verbose: bool = True) -> nn.Module:
+        """Fold every foldable BatchNorm of `model` (a copy unless `inplace`); see `self.report` for
+        each one."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f'model must be an nn.Module, got {type(model).__name__}')
         work = model if inplace else copy.deepcopy(model)
         bns = {n: m for n, m in work.named_modules() if isinstance(m, _BatchNorm)}
         try: gm = fx.symbolic_trace(work)
         except Exception as e:
-            warnings.warn(f'BN_Folder: cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); model left unchanged')
-            rows, plans = [dict(bn=n, producer=None, folded=False, reason='model cannot be traced by torch.fx') for n in bns], []
+            warnings.warn(f'BN_Folder: cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); '
+                          'model left unchanged')
+            why = 'model cannot be traced by torch.fx'
+            rows, plans = [dict(bn=n, producer=None, folded=False, reason=why) for n in bns], []
         else: rows, plans = self._plan(work, gm, bns, sample)
         with torch.no_grad():
             for bn, p, w, b in plans:
@@ -144,7 +164,8 @@ class BN_Folder:
         return work
 
     def _plan(self, work, gm, bns, sample):
-        "Report rows, and `(bn, producer, new weight, new bias)` for each fold; nothing is changed yet."
+        """Report rows, and `(bn, producer, new weight, new bias)` for each fold; nothing is changed
+        yet."""
         calls, read, shared = module_calls(gm), read_tensors(gm), shared_params(work)
         names = {id(m): n for n, m in work.named_modules()}
         ndims = input_ndims(work, bns, sample) if sample is not None and bns else {}
@@ -155,8 +176,9 @@ class BN_Folder:
             if reason is None: plans.append((bn, p, *fold_weights(p.weight, p.bias, bn)))
             if reason is None and isinstance(p, nn.Linear): lin.append(name)
         if lin and sample is None:
-            warnings.warn(f'BN_Folder: folded Linear → BatchNorm1d for {lin} without sample=; that is right only when the BatchNorm sees '
-                          '(N, C) input (not a Linear over the last axis of (N, C, L)); pass sample= to check')
+            warnings.warn(f'BN_Folder: folded Linear → BatchNorm1d for {lin} without sample=; that is right only '
+                          'when the BatchNorm sees (N, C) input (not a Linear over the last axis of (N, C, L)); pass '
+                          'sample= to check')
         return rows, plans
 
     def summary(self) -> str:
