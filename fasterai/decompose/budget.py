@@ -144,45 +144,52 @@ def dense_macs(m, in_shape, calls=None, batch=None):
     if isinstance(m, nn.Linear): return m.weight.numel() * linear_positions(in_shape)
     return layer_macs(m, tuple(in_shape[2:])) if in_shape else None
 
+def _budget_skip(m, base, method, owners, shared) -> str | None:
+    "Why the global budget leaves layer `m` (an instance of `base`) dense, or None."
+    lin = isinstance(m, nn.Linear)
+    why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, method))
+    if why is None and not lin and m.groups > 1:
+        why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
+    return why
+
+def _layer_spectra(name, m, method, spectra_fn=None) -> list:
+    "The spectra per rank slot of layer `m`: the whitened ones `spectra_fn` gives, else its weight's."
+    if spectra_fn is not None and spectra_fn(name, m) is not None: return spectra_fn(name, m)
+    W = m.weight.detach()
+    W = W.to(work_dtype(W))
+    if isinstance(m, nn.Linear): return [spectrum(W)]
+    return [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
+
+def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
+    "What the model costs outside the plans: all its other params, or the MACs of the candidates left out."
+    if on == 'params': return n_params(model) - sum(p.dense for p in plans)
+    in_plans, fixed = {id(p.layer) for p in plans}, 0
+    for dec, _ in kinds:
+        for name, m in dec.candidates(model, layers, exclude)[0]:
+            if id(m) in in_plans: continue
+            fixed += dense_macs(m, shapes.get(name), calls.get(name), batch) or 0
+    return fixed
+
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,
                 calls: dict | None = None, batch: int | None = None):
     """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a
     list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
     see `call_shapes`) counts the MACs of every call."""
-    calls = calls or {}
-    plans, kinds = [], []
+    calls, shapes = calls or {}, shapes or {}
     skipped = [] if skipped is None else skipped
-    if conv: kinds.append((Conv_Decomposer(), method))
-    if fc: kinds.append((FC_Decomposer(), 'svd'))
-    owners, shared = find_owners(model), shared_params(model)
+    kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
+    owners, shared, plans = find_owners(model), shared_params(model), []
     for dec, meth in kinds:
-        cands, _ = dec.candidates(model, layers, exclude)
-        for name, m in cands:
-            base = next(k for k in dec.kinds if isinstance(m, k))
-            lin = isinstance(m, nn.Linear)
-            why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, meth))
-            if why is None and not lin and m.groups > 1:
-                why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
+        for name, m in dec.candidates(model, layers, exclude)[0]:
+            why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
             if why: skipped.append((name, m, why)); continue
-            W = m.weight.detach(); W = W.to(work_dtype(W))
-            if spectra_fn is not None and spectra_fn(name, m) is not None:
-                spec = spectra_fn(name, m)
-            elif lin: spec = [spectrum(W)]
-            else: spec = [spectrum(M[0]) for M in mode_matrices(W, meth, 1)]
-            full = (min(W.shape),) if lin else full_ranks(m, meth)
-            in_shape = (shapes or {}).get(name)
-            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, in_shape, on, compact=lin and compact,
-                                   calls=calls.get(name), batch=batch))
-    in_plans = {id(p.layer) for p in plans}
-    if on == 'params': fixed = n_params(model) - sum(p.dense for p in plans)
-    else:
-        fixed = 0
-        for dec, _ in kinds:
-            for name, m in dec.candidates(model, layers, exclude)[0]:
-                if id(m) in in_plans: continue
-                fixed += dense_macs(m, (shapes or {}).get(name), calls.get(name), batch) or 0
-    return plans, fixed
+            lin = isinstance(m, nn.Linear)
+            spec = _layer_spectra(name, m, meth, spectra_fn)
+            full = (min(m.weight.shape),) if lin else full_ranks(m, meth)
+            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, shapes.get(name), on,
+                                   compact=lin and compact, calls=calls.get(name), batch=batch))
+    return plans, _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch)
 
 # %% ../../nbs/12_budget.ipynb #c009
 _RANK_ARGS = ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration')
