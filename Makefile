@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install export check-export nbtest pytest bench clean
+.PHONY: demo test test-threads install export check-export nbtest pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory check-export
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest
+
+# make test-threads: the notebooks under each of THREADS with each of SEEDS, and pytest under each of THREADS.
+# Run it before resolving anything that touches a trained or measured outcome (README, "For contributors").
+THREADS ?= 1 4
+SEEDS ?= 0 1
+test-threads: $(STAMP)
+	@set -e; for t in $(THREADS); do \
+	  for s in $(SEEDS); do echo "== notebooks: $$t thread(s), seed $$s"; \
+	    FASTERAI_TEST_THREADS=$$t OMP_NUM_THREADS=$$t FASTERAI_TEST_SEED=$$s $(MAKE) --no-print-directory nbtest; done; \
+	  echo "== pytest: $$t thread(s)"; FASTERAI_TEST_THREADS=$$t OMP_NUM_THREADS=$$t $(MAKE) --no-print-directory pytest; done
 
 check-export: $(STAMP)
 	$(VENV)/bin/nbdev-export

@@ -8,7 +8,7 @@ comparison `a OP b` both sides are recorded too, so the spread over runs can be 
 notebook runs to the end even when a check fails. The environment (FASTERAI_TEST_THREADS,
 FASTERAI_TEST_SEED, ATEN_CPU_CAPABILITY, ...) is the caller's.
 """
-import ast, json, os, sys, traceback
+import ast, json, linecache, os, sys, traceback
 from pathlib import Path
 
 def _summary(v):
@@ -29,15 +29,28 @@ class _Checks(ast.NodeTransformer):
     def __init__(self, src, cell): self.src, self.cell = src, cell
     def visit_Assert(self, node):
         text = ast.get_source_segment(self.src, node.test) or ''
+        comps = [c for c in _compares(node.test) if len(c.comparators) == 1]
         sides = ast.Constant(None)
-        if isinstance(node.test, ast.Compare) and len(node.test.comparators) == 1:
-            sides = ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
-                               body=ast.Tuple([node.test.left, node.test.comparators[0]], ast.Load()))
-        lam = ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
-                         body=node.test)
+        if comps:                                  # every comparison outside a comprehension: both of its sides
+            pairs = [ast.Tuple([c.left, c.comparators[0]], ast.Load()) for c in comps]
+            sides = _lambda(ast.Tuple(pairs, ast.Load()))
         call = ast.Expr(ast.Call(ast.Name('_check', ast.Load()),
-                                 [lam, ast.Constant(text), ast.Constant(self.cell), ast.Constant(node.lineno), sides], []))
+                                 [_lambda(node.test), ast.Constant(text), ast.Constant(self.cell),
+                                  ast.Constant(node.lineno), sides], []))
         return ast.copy_location(call, node)
+
+def _lambda(body):
+    return ast.Lambda(args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]), body=body)
+
+def _compares(node):
+    "Compare nodes in `node`, not descending into comprehensions or lambdas (their names are local)."
+    if isinstance(node, (ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp, ast.Lambda)): return []
+    out = [node] if isinstance(node, ast.Compare) else []
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and len(node.args) == 1
+            and node.func.attr in ('le', 'lt', 'ge', 'gt')):                        # pandas' a.le(b): a as the left side
+        out = [ast.Compare(node.func.value, [ast.LtE()], [node.args[0]])]
+    for child in ast.iter_child_nodes(node): out += _compares(child)
+    return out
 
 def run(nb_path, out=None):
     nb_path = Path(nb_path).resolve()
@@ -48,8 +61,11 @@ def run(nb_path, out=None):
         try: rec['ok'] = bool(test())
         except Exception as e: rec['ok'], rec['error'] = False, f'{type(e).__name__}: {e}'
         if sides is not None:
-            try: rec['sides'] = [_summary(s) for s in sides()]
+            try: rec['sides'] = [[_summary(a), _summary(b)] for a, b in sides()]
             except Exception: pass
+        if not rec['ok']:                          # a failure: what the names it reads held
+            names = sorted({n.id for n in ast.walk(ast.parse(text, mode='eval')) if isinstance(n, ast.Name)} & ns.keys())
+            rec['names'] = {n: repr(ns[n])[:1500] for n in names if not callable(ns[n])}
         results.append(rec)
     ns = {'_check': _check, '__name__': '__main__'}
     os.chdir(nb_path.parent)
@@ -60,7 +76,9 @@ def run(nb_path, out=None):
         try:
             tree = _Checks(src, i).visit(ast.parse(src))
             ast.fix_missing_locations(tree)
-            exec(compile(tree, f'{nb_path.name}[{i}]', 'exec'), ns)
+            fname = f'<{nb_path.name}[{i}]>'
+            linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)   # so inspect.getsource finds it
+            exec(compile(tree, fname, 'exec'), ns)
         except Exception:
             results.append(dict(cell=i, line=0, text='<cell raised>', ok=False, error=traceback.format_exc()[-800:]))
             break
