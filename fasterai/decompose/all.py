@@ -7,8 +7,8 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 # %% auto #0
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
            'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs',
-           'decompose', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
-           'output_grams', 'collect_stats', 'whitened_lowrank']
+           'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback',
+           'plot_report', 'load_decomposed', 'output_grams', 'collect_stats', 'whitened_lowrank']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -18,7 +18,8 @@ from .core import *
 from .checkpoint import *
 from .conv import *
 from .fc import *
-from .budget import decompose
+from .budget import decompose, Budget_Decomposer
+from .latency import LatencyTable
 from .learner import *
 from ..misc.bn_folding import BN_Folder
 from .report import plot_report
@@ -29,6 +30,6 @@ from .sensitivity import output_grams
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear',
          'CompactLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params',
-         'block_macs', 'decompose', 'BN_Folder',
+         'block_macs', 'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder',
          'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
          'output_grams', 'collect_stats', 'whitened_lowrank']

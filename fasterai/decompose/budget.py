@@ -8,6 +8,8 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 from __future__ import annotations
 import functools, inspect, math, warnings
 from functools import partial
+from pathlib import Path
+import torch
 from fastcore.basics import store_attr
 import pandas as pd
 from torch import nn
@@ -21,22 +23,28 @@ from .surgery import *
 from .core import *
 from .conv import *
 from .fc import *
+from .latency import *
 
 # %% auto #0
-__all__ = ['decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args', 'budget_candidates',
-           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
-           'finish_budget', 'Budget_Decomposer']
+__all__ = ['NS_PER_MS', 'BUDGET_ON', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
+           'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
+           'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'latency_timer', 'latency_rows',
+           'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
+NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
+
 class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
     def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None,
-                 batch=None):
+                 batch=None, timer=None):
         store_attr('name,layer,method,spectra,full,in_shape,on')
         self.compact, self._blocks, self.batch = compact, {}, batch
         # input shapes of a layer run several times, or on N rows per sample
         self.calls = calls if counts_rows(calls, batch) else None
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
+        # on='latency': the layer's `LayerLatency`, from `timer(plan)`
+        self.latency = timer(self) if on == 'latency' else None
         self.dense = self.cost(None)
 
     def weigh(self, w: float):
@@ -62,10 +70,15 @@ class LayerPlan:
         return block_macs(b, size) < layer_macs(self.layer, size)
 
     def cost(self, ranks):
-        "Params or MACs of the layer (`ranks=None`) or of its block at `ranks`."
+        "Params, MACs or nanoseconds of the layer (`ranks=None`) or of its block at `ranks`."
+        if self.on == 'params': return n_params(self.layer if ranks is None else self.block(ranks))
+        if self.on == 'latency': return NS_PER_MS * (self.latency.dense_ms if ranks is None else self.latency.ms(ranks))
+        return self.macs(ranks)
+
+    def macs(self, ranks):
+        "MACs of the layer (`ranks=None`) or of its block at `ranks`, over every call."
         lin = isinstance(self.layer, nn.Linear)
         m = self.layer if ranks is None else self.block(ranks)
-        if self.on == 'params': return n_params(m)
         if self.calls: return forward_macs(self.layer, m, self.calls, self.batch)
         if lin:
             per_position = m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)   # bias-free MACs
@@ -163,6 +176,7 @@ def _layer_spectra(name, m, method, spectra_fn=None) -> list:
 def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
     "What the model costs outside the plans: all its other params, or the MACs of the candidates left out."
     if on == 'params': return n_params(model) - sum(p.dense for p in plans)
+    if on == 'latency': return 0                     # the caller's: the model's measured time less the plans'
     in_plans, fixed = {id(p.layer) for p in plans}, 0
     for dec, _ in kinds:
         for name, m in dec.candidates(model, layers, exclude)[0]:
@@ -172,8 +186,9 @@ def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
 
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,
-                calls: dict | None = None, batch: int | None = None):
-    """A `LayerPlan` per eligible layer, and the cost of everything else in the model; `skipped` (a
+                calls: dict | None = None, batch: int | None = None, timer=None):
+    """A `LayerPlan` per eligible layer (`timer(plan)` gives each its `LayerLatency` when
+    `on='latency'`), and the cost of everything else in the model; `skipped` (a
     list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
     see `call_shapes`) counts the MACs of every call."""
     calls, shapes = calls or {}, shapes or {}
@@ -188,11 +203,13 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             spec = _layer_spectra(name, m, meth, spectra_fn)
             full = (min(m.weight.shape),) if lin else full_ranks(m, meth)
             plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, shapes.get(name), on,
-                                   compact=lin and compact, calls=calls.get(name), batch=batch))
+                                   compact=lin and compact, calls=calls.get(name), batch=batch,
+                                   timer=timer))
     return plans, _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch)
 
 # %% ../../nbs/12_budget.ipynb #c009
 _RANK_ARGS = ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration')
+BUDGET_ON = ('params', 'macs', 'latency')
 
 def check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                       refused: dict):
@@ -200,12 +217,13 @@ def check_budget_args(model, budget, budget_on, method, input_shape, data, n_bat
     are the extra keywords."""
     check_model(model)
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
-    if budget_on not in ('params', 'macs'):
-        raise ValueError(f"budget_on must be 'params' or 'macs', got {budget_on!r}")
+    if budget_on not in BUDGET_ON:
+        raise ValueError(f"budget_on must be one of {BUDGET_ON}, got {budget_on!r}")
     if method not in ('svd', 'tucker', 'spatial'):
         raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
-    if budget_on == 'macs' and input_shape is None and data is None:
-        raise ValueError("budget_on='macs' needs input_shape=(1, C, H, W) or data= to count MACs")
+    if budget_on in ('macs', 'latency') and input_shape is None and data is None:
+        what = 'to count MACs' if budget_on == 'macs' else 'to time the model at its input'
+        raise ValueError(f"budget_on='{budget_on}' needs input_shape=(1, C, H, W) or data= ({what})")
     given = [k for k in _RANK_ARGS if k in refused]
     if given: raise ValueError(f'decompose() chooses every rank from budget=, so it takes no {" or ".join(given)}; '
                                'for ranks of your own use Conv_Decomposer / FC_Decomposer')
@@ -350,11 +368,60 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
     rep = rep.drop_duplicates('name').sort_values('name', key=in_order, kind='stable')
     return rep.reset_index(drop=True)
 
-# %% ../../nbs/12_budget.ipynb #c011
+# %% ../../nbs/12_budget.ipynb #c012
+def timing_input(model: nn.Module, input_shape, data) -> torch.Tensor:
+    "The input `model` is timed on: random values of `input_shape`, else the first batch of `data` (one tensor)."
+    p = next(model.parameters())
+    if input_shape is not None:
+        x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0))
+        return x.to(p.device, p.dtype if p.is_floating_point() else None)
+    kind, args = next(iter_batches(data, 1))
+    if kind != 'args' or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        raise TypeError("budget_on='latency' times the model on one tensor input: pass input_shape=(1, C, H, W)")
+    return args[0].to(p.device)
+
+def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
+    "`table` if it is a `LatencyTable`; the table saved at path `table` if that file exists; else a new one."
+    if isinstance(table, LatencyTable):
+        if table.runtime != runtime:
+            raise ValueError(f'latency_table was measured for runtime={table.runtime!r}, not {runtime!r}')
+        return table
+    if table is not None and Path(table).exists(): return LatencyTable.load(table, runtime, x.device, x.dtype)
+    return LatencyTable(runtime, x.device, x.dtype)
+
+class _Untimed:
+    "The latency of a layer the sample input never reached: no time to save, so it stays dense."
+    dense_ms, points = 0.0, []
+    def ms(self, ranks): return 0.0
+
+def latency_timer(table: LatencyTable, calls: dict):
+    "`timer(plan)` for `plan_layers`: a plan's `LayerLatency` at the input shapes of its calls, timed into `table`."
+    def timer(p):
+        if not calls.get(p.name): return _Untimed()
+        w = p.layer.weight
+        make = partial(linear_layers, compact=p.compact) if isinstance(p.layer, nn.Linear) else METHOD_LAYERS[p.method]
+        def block(r): return make(p.layer, *r, device=w.device).to(w.dtype).eval()
+        return LayerLatency(p.layer, block, p.macs, p.full, calls[p.name], table)
+    return timer
+
+def latency_rows(report: pd.DataFrame, plans, chosen: dict) -> pd.DataFrame:
+    "`report` with each planned layer's predicted milliseconds, dense and as its block, where no timing filled them."
+    rep, by = report.copy(), {p.name: p for p in plans}
+    for i, n in enumerate(rep.name):
+        p = by.get(n)
+        if p is None or pd.notna(rep.at[i, 'ms_before']): continue
+        rep.at[i, 'ms_before'] = p.latency.dense_ms
+        done = n in chosen and rep.at[i, 'status'] == 'decomposed'
+        rep.at[i, 'ms_after'] = p.latency.ms(chosen[n]) if done else p.latency.dense_ms
+    return rep
+
+# %% ../../nbs/12_budget.ipynb #c013
 class Budget_Decomposer:
     """Spread a parameter or MAC budget over every eligible Conv and Linear of a model; the report
     is in `self.report`."""
     report: pd.DataFrame = None
+    latency: dict | None = None        # budget_on='latency': target, planned and measured milliseconds
+    latency_table: LatencyTable | None = None   # budget_on='latency': what was timed, to pass in again
 
     @allow_autograd
     @with_conv1d
@@ -383,6 +450,8 @@ class Budget_Decomposer:
                   tol: float = 1e-4,             # HOOI tolerance (Tucker)
                   cp_iter: int = 50,             # passed on to `Conv_Decomposer`
                   min_speedup: float | None = None,  # keep only blocks this much faster
+                  runtime: str = 'eager',        # budget_on='latency': 'eager' or 'onnxruntime'
+                  latency_table=None,            # budget_on='latency': a LatencyTable, or a JSON path
                   **refused) -> nn.Module:       # decomposers' rank arguments: refused, saying why
         """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of
         its parameters (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs
@@ -395,6 +464,7 @@ class Budget_Decomposer:
         weighting, `predicted_error` and `output_error` are in the weighted norm)."""
         check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                           refused)
+        check_runtime(runtime)
         cands = budget_candidates(model, conv, fc, layers, exclude)
         calls, batch = probe_shapes(model, cands, input_shape, data, budget_on)
         shapes = {n: s[0] for n, s in calls.items()}
@@ -412,11 +482,13 @@ class Budget_Decomposer:
             spectra_fn = whitened_spectra(model, data, nb, method, cands,
                                           check_shrinkage(shrinkage), roots)
         skipped = []
+        timer = self._timer(model, budget_on, runtime, latency_table, input_shape, data, calls)
         plans, fixed = plan_layers(model, method=method, on=budget_on, conv=conv, fc=fc,
                                    shapes=shapes,
                                    spectra_fn=spectra_fn, layers=layers, exclude=exclude,
                                    compact=compact,
-                                   skipped=skipped, calls=calls, batch=batch)
+                                   skipped=skipped, calls=calls, batch=batch, timer=timer)
+        if timer is not None: fixed = self._fixed_ms(model, plans)
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
@@ -436,8 +508,33 @@ class Budget_Decomposer:
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
+        if timer is not None: self._measure(model, out, plans, chosen, budget, cost, inplace, latency_table)
         self._summarize(reports, len(chosen), len(plans), cost, total, budget, budget_on, verbose)
         return out
+
+    def _timer(self, model, budget_on, runtime, table, input_shape, data, calls):
+        """With `budget_on='latency'`: the input to time on and the latency table (held on `self`), and
+        `timer(plan)` for `plan_layers`; else None."""
+        self.latency = self.latency_table = None
+        if budget_on != 'latency': return None
+        self._x, self._runtime = timing_input(model, input_shape, data), runtime
+        self.latency_table = as_latency_table(table, runtime, self._x)
+        return latency_timer(self.latency_table, calls)
+
+    def _fixed_ms(self, model, plans) -> float:
+        "The model's measured time less its planned layers' own (in ns): what the allocation cannot change."
+        self._dense_ms = model_ms(model, self._x, self._runtime)
+        return NS_PER_MS * max(self._dense_ms - sum(p.latency.dense_ms for p in plans), 0.0)
+
+    def _measure(self, model, out, plans, chosen, budget, cost, inplace, table):
+        """Each planned layer's predicted milliseconds in the report; the target, planned and measured
+        end-to-end milliseconds in `self.latency`; the table written back to its path, if it has one."""
+        self.report = latency_rows(self.report, plans, chosen)
+        if inplace: before, after = self._dense_ms, model_ms(out, self._x, self._runtime)
+        else: before, after = model_ms([model, out], self._x, self._runtime)
+        self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * self._dense_ms,
+                            planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before)
+        if table is not None and not isinstance(table, LatencyTable): self.latency_table.save(table)
 
     def _summarize(self, reports, n_chosen, n_plans, cost, total, budget, budget_on, verbose):
         "Warn when `min_speedup` left planned layers dense; print the plan when `verbose`."
@@ -446,10 +543,16 @@ class Budget_Decomposer:
                                f'layers on this machine): the model keeps more than the planned {cost / total:.1%} of '
                                f'the {budget_on}')
         if not verbose: return
+        if self.latency is not None:
+            t = self.latency
+            print(f"decompose: {n_chosen} of {n_plans} eligible layers decomposed; {t['runtime']} latency planned "
+                  f"{total / NS_PER_MS:.3g} → {t['planned_ms']:.3g} ms ({cost / total:.1%}, target {budget:.0%}), "
+                  f"measured {t['dense_ms']:.3g} → {t['measured_ms']:.3g} ms ({t['measured_share']:.1%})")
+            return
         print(f'decompose: {n_chosen} of {n_plans} eligible layers decomposed; planned {budget_on} '
               f'{int(total):,} → {int(cost):,} ({cost / total:.1%}, target {budget:.0%})')
 
-# %% ../../nbs/12_budget.ipynb #c012
+# %% ../../nbs/12_budget.ipynb #c014
 class _Decompose:
     """`decompose(model, budget=0.5, ...)` runs `Budget_Decomposer().decompose`; its `report` is
     deprecated."""
