@@ -6,7 +6,8 @@ Docs: https://fasterai.github.io/fasterai/core.html.md"""
 
 # %% ../../nbs/09_core.ipynb #c003
 from __future__ import annotations
-import difflib, functools, math, time
+import difflib, functools, math, os, statistics, time
+from contextlib import contextmanager
 from collections import defaultdict
 import torch
 import pandas as pd
@@ -18,7 +19,7 @@ from .surgery import *
 
 # %% auto #0
 __all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_input', 'time_pair', 'slower_reason',
-           'check_min_speedup', 'Decomposer', 'check_rank_args']
+           'check_min_speedup', 'other_runnable', 'machine_busy', 'calm_threads', 'Decomposer', 'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
@@ -94,7 +95,33 @@ def check_min_speedup(min_speedup, input_shape=None, data=None):
         raise ValueError('min_speedup needs input_shape= or data=: each block is timed at the input shape its '
                          'layer sees')
 
-# %% ../../nbs/09_core.ipynb #c011
+# %% ../../nbs/09_core.ipynb #c012
+def other_runnable(samples: int = 5, every: float = 0.002) -> int | None:
+    "Runnable tasks on the machine besides this one (median of `samples` reads of /proc/loadavg), or None."
+    try:
+        reads = []
+        for i in range(samples):
+            with open('/proc/loadavg') as f: reads.append(int(f.read().split()[3].split('/')[0]) - 1)
+            if i + 1 < samples: time.sleep(every)
+        return int(statistics.median(reads))
+    except (OSError, ValueError, IndexError): return None
+
+def machine_busy() -> bool:
+    "Do other runnable tasks already fill every core?"
+    n = other_runnable()
+    return n is not None and n >= (os.cpu_count() or 1)
+
+@contextmanager
+def calm_threads(device='cpu'):
+    "One intra-op thread for the work inside, while the machine is busy and the work is on the CPU."
+    n = torch.get_num_threads()
+    calm = torch.device(device).type == 'cpu' and n > 1 and machine_busy()
+    if calm: torch.set_num_threads(1)
+    try: yield calm
+    finally:
+        if calm: torch.set_num_threads(n)
+
+# %% ../../nbs/09_core.ipynb #c014
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
                   'macs_after',
                   'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before',
@@ -198,7 +225,8 @@ class Decomposer:
                    min_speedup=min_speedup)
         rows, swaps = [_done_row(n, b) for n, b in done], []
         for name, m in cands:
-            block, row = self._plan_one(name, m, plan_layer, work, **ctx)
+            with calm_threads(getattr(getattr(m, 'weight', None), 'device', 'cpu')):
+                block, row = self._plan_one(name, m, plan_layer, work, **ctx)
             rows.append(row)
             if block is not None:
                 swaps.append((name, block))
@@ -259,7 +287,7 @@ class Decomposer:
         if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
-# %% ../../nbs/09_core.ipynb #c013
+# %% ../../nbs/09_core.ipynb #c016
 def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
                     input_shape):
     """Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a
