@@ -391,7 +391,7 @@ def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
 
 class _Untimed:
     "The latency of a layer the sample input never reached: no time to save, so it stays dense."
-    dense_ms, points = 0.0, []
+    alone_ms, dense_ms, scale, points = 0.0, 0.0, 1.0, []
     def ms(self, ranks): return 0.0
 
 def latency_timer(table: LatencyTable, calls: dict):
@@ -522,8 +522,14 @@ class Budget_Decomposer:
         return latency_timer(self.latency_table, calls)
 
     def _fixed_ms(self, model, plans) -> float:
-        "The model's measured time less its planned layers' own (in ns): what the allocation cannot change."
+        """The model's measured time less its planned layers' own (in ns): what the allocation cannot change.
+        In eager mode each layer is also timed inside the model, and its `LayerLatency` scaled to that."""
         self._dense_ms = model_ms(model, self._x, self._runtime)
+        if self._runtime == 'eager':
+            inside = in_model_ms(model, self._x, {p.name: p.layer for p in plans if p.latency.alone_ms > 0})
+            for p in plans:
+                if p.name in inside: p.latency.scale = inside[p.name] / p.latency.alone_ms
+                p.dense = p.cost(None)
         return NS_PER_MS * max(self._dense_ms - sum(p.latency.dense_ms for p in plans), 0.0)
 
     def _measure(self, model, out, plans, chosen, budget, cost, inplace, table):

@@ -14,7 +14,7 @@ from .blocks import *
 
 # %% auto #0
 __all__ = ['RUNTIMES', 'check_runtime', 'time_ms', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context',
-           'LatencyTable', 'LayerLatency', 'model_ms', 'channels_last_cores', 'choose_layout']
+           'LatencyTable', 'LayerLatency', 'model_ms', 'in_model_ms', 'channels_last_cores', 'choose_layout']
 
 # %% ../../nbs/11a_latency.ipynb #c006
 RUNTIMES = ('eager', 'onnxruntime')
@@ -139,49 +139,84 @@ def _input(m: nn.Module, shape) -> torch.Tensor:
 # %% ../../nbs/11a_latency.ipynb #c016
 class LayerLatency:
     """Milliseconds of a layer dense (`dense_ms`) and as a block at any ranks (`ms(ranks)`), from its time at a few
-    ranks. `in_shapes`: the input shape of each call of the layer (one shape, or a list for a layer run several times)."""
+    ranks. `in_shapes`: the input shape of each call of the layer (one shape, or a list for a layer run several times).
+    `scale` (1 by default) multiplies every answer: the ratio of the layer's time inside the model to its time alone."""
     def __init__(self, layer: nn.Module, make_block, macs_of, full, in_shapes, table: LatencyTable,
-                 fractions=(0.125, 0.25, 0.5, 0.75), **timing):
+                 fractions=(0, 0.125, 0.25, 0.5, 0.75), **timing):
         shapes = [tuple(in_shapes)] if isinstance(in_shapes[0], int) else [tuple(s) for s in in_shapes]
-        self._macs, self.shapes = macs_of, shapes
-        self.dense_ms = sum(table.ms([layer] * len(shapes), shapes, **timing))
+        self._macs, self.shapes, self.scale = macs_of, shapes, 1.0
+        self.alone_ms = sum(table.ms([layer] * len(shapes), shapes, **timing))
         grid = sorted({tuple(max(1, round(f * r)) for r in full) for f in fractions})
         blocks = [make_block(r) for r in grid]
         times = table.ms([b for b in blocks for _ in shapes], [s for _ in blocks for s in shapes], **timing)
         ms = [sum(times[i * len(shapes):(i + 1) * len(shapes)]) for i in range(len(blocks))]
-        self.points = [(r, macs_of(r), t) for r, t in zip(grid, ms)]
-        self.intercept, self.slope = _fit_line([p[1] for p in self.points], ms)
+        self.points = sorted((macs_of(r), t, r) for r, t in zip(grid, ms))
+        self._x, self._y = _monotone([p[0] for p in self.points], [p[1] for p in self.points])
 
-    def ms(self, ranks) -> float: return self.intercept + self.slope * self._macs(ranks)
+    @property
+    def dense_ms(self) -> float: return self.scale * self.alone_ms
+    def ms(self, ranks) -> float: return self.scale * _interp(self._macs(ranks), self._x, self._y)
     def __repr__(self):
-        return (f'LayerLatency(dense {self.dense_ms:.3g} ms, block {self.intercept:.3g} ms '
-                f'+ {1e6 * self.slope:.3g} ms per million MACs)')
+        pts = ', '.join(f'{r}: {t:.3g}' for _, t, r in self.points)
+        return f'LayerLatency(dense {self.dense_ms:.3g} ms; block ms at ranks {pts}; scale {self.scale:.3g})'
 
-def _fit_line(x, y):
-    "Least-squares intercept and slope of y on x, both kept non-negative."
-    n = len(x)
-    if n == 1: return 0.0, y[0] / max(x[0], 1)
-    mx, my = sum(x) / n, sum(y) / n
-    sxx = sum((a - mx) ** 2 for a in x)
-    slope = max(sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx, 0.0) if sxx > 0 else 0.0
-    intercept = my - slope * mx
-    if intercept < 0: intercept, slope = 0.0, sum(a * b for a, b in zip(x, y)) / max(sum(a * a for a in x), 1e-30)
-    return intercept, slope
+def _monotone(x, y):
+    "Points sorted by x with y made non-decreasing (a block with more MACs is never predicted faster)."
+    out, best = [], 0.0
+    for a, b in sorted(zip(x, y)):
+        best = max(best, b); out.append((a, best))
+    return [a for a, _ in out], [b for _, b in out]
 
-# %% ../../nbs/11a_latency.ipynb #c018
-def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing) -> list:
+def _interp(v, x, y) -> float:
+    "Piecewise-linear y(v) through the points (x, y), extended with the end segments' slopes (never below 0)."
+    if len(x) == 1: return y[0] * v / max(x[0], 1)
+    i = 1
+    while i < len(x) - 1 and v > x[i]: i += 1
+    x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+    t = y0 if x1 == x0 else y0 + (y1 - y0) * (v - x0) / (x1 - x0)
+    return max(t, 0.0)
+
+# %% ../../nbs/11a_latency.ipynb #c021
+def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     "Fastest milliseconds of each model in `models` (a list, or one model) on input `x` in `runtime`, interleaved."
     one = isinstance(models, nn.Module)
     models = [models] if one else list(models)
-    modes = [m.training for m in models]
+    modes = [[m.training for m in model.modules()] for model in models]
     try:
         for m in models: m.eval()
         out = time_ms([runner(m, x, runtime) for m in models], **timing)
     finally:
-        for m, t in zip(models, modes): m.train(t)
+        for model, ms in zip(models, modes):
+            for m, t in zip(model.modules(), ms): m.training = t
     return out[0] if one else out
 
 # %% ../../nbs/11a_latency.ipynb #c023
+def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 10) -> dict:
+    "Fastest milliseconds of each module in `layers` (name → module) inside eager forward passes of `model` on `x`."
+    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
+    start, spent, best, hooks = {}, {}, {}, []
+    def pre(name):
+        def f(m, args): sync(); start[name] = time.perf_counter()
+        return f
+    def post(name):
+        def f(m, args, out): sync(); spent[name] = spent.get(name, 0.0) + time.perf_counter() - start[name]
+        return f
+    for name, m in layers.items():
+        hooks += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+    modes = [m.training for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+            for _ in range(rounds):
+                spent.clear(); model(x)
+                for n, t in spent.items(): best[n] = min(best.get(n, math.inf), t)
+    finally:
+        for h in hooks: h.remove()
+        for m, t in zip(model.modules(), modes): m.training = t
+    return {n: 1000 * t for n, t in best.items()}
+
+# %% ../../nbs/11a_latency.ipynb #c026
 def channels_last_cores(model: nn.Module) -> nn.Module:
     "`model`, with the weight of every 2-d k×k conv inside a `LowRankBlock` stored in `channels_last` (in place)."
     for blk in model.modules():
