@@ -30,6 +30,10 @@ torch.set_num_threads(ARGS.threads)
 from fasterai.decompose.blocks import tucker_layers
 from fasterai.decompose.latency import time_ms, eager_runner
 
+def med(xs):
+    xs = list(xs)
+    return statistics.median(xs) if xs else float('nan')
+
 def conv_inputs(model, x):
     "(name, conv, input shape) of every 3×3 conv of `model` on `x`."
     out, hooks = [], []
@@ -48,13 +52,13 @@ for mname in ['resnet50', 'vgg16_bn']:
     for name, conv, shape in pick:
         half = min(conv.in_channels, conv.out_channels) // 2
         top = max(32, 32 * round(half / 32))
-        ranks = list(range(top, top - 33, -1))
+        ranks = [r for r in range(top, top - 33, -1) if r >= 1]
         x = torch.randn(shape)
         blocks = [tucker_layers(conv, r, r).eval() for r in ranks]
         ms = time_ms([eager_runner(b, x) for b in blocks], min_time=0.2)
         t = dict(zip(ranks, ms))
-        up = {q: statistics.median(t[q * (r // q + 1)] / t[r] for r in ranks if r % q and q * (r // q + 1) in t) for q in (8, 16, 32)}
-        down = {q: statistics.median(t[q * (r // q)] / t[r] for r in ranks if r % q and q * (r // q) in t) for q in (8, 16, 32)}
+        up = {q: med(t[q * (r // q + 1)] / t[r] for r in ranks if r % q and q * (r // q + 1) in t) for q in (8, 16, 32)}
+        down = {q: med(t[q * (r // q)] / t[r] for r in ranks if r % q and q * (r // q) in t) for q in (8, 16, 32)}
         rows.append(dict(model=mname, layer=name, shape=shape, ranks=ranks, ms=ms, up=up, down=down))
         print(f"{mname} {name} {shape}: R {ranks[-1]}..{ranks[0]}, {min(ms):.3f}..{max(ms):.3f} ms; median t(R rounded up)/t(R) "
               + ', '.join(f'{q}: {v:.3f}' for q, v in up.items()) + '; t(R rounded down)/t(R) '
