@@ -7,12 +7,12 @@ For each torchvision model (weights=None, eval, 3×224×224) and batch size: (a)
 method='tucker', percent_removed=0.5)`, the default call; (b) `decompose(model, budget=B, budget_on='latency',
 method='tucker', fc=False, input_shape=..., runtime=R)`. Dense and decomposed are timed in one process, interleaved
 (`fasterai.decompose.latency.model_ms`: fastest of rounds, repeated until stable), in the runtime R. Reported: the MAC
-ratio (dense / decomposed, convs and Linears, forward hooks), the speed ratio (dense ms / decomposed ms) and the share
+ratio (dense / decomposed, torch's FLOP counter via `fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms) and the share
 of the MAC ratio reached (speed ratio / MAC ratio); for (b) also the target and the measured share of dense latency.
 Writes bench/results/latency_budget.json.
 """
 from __future__ import annotations
-import argparse, json, math, sys, time, warnings
+import argparse, json, sys, time, warnings
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
@@ -33,18 +33,9 @@ torch.set_num_threads(ARGS.threads)
 warnings.simplefilter('ignore')
 from fasterai.decompose.all import *
 from fasterai.decompose.latency import model_ms
+from fasterai.demo import model_macs
 
-def macs(model, x):
-    "Multiply-accumulates of every Conv and Linear on input `x` (forward hooks)."
-    total, hooks = [0], []
-    def conv(m, a, o): total[0] += o.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    def lin(m, a, o): total[0] += o.numel() * m.in_features
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lin))
-    with torch.inference_mode(): model(x)
-    for h in hooks: h.remove()
-    return total[0]
+def macs(model, x): return model_macs(model, tuple(x.shape))
 
 rows = []
 for name in ARGS.models:

@@ -77,13 +77,8 @@ class Conv_Decomposer(Decomposer):
         check_shrinkage(shrinkage)
         check_min_speedup(min_speedup, input_shape, data)
         store_attr('method,percent_removed,energy_threshold,n_iter,tol,rank,calibration,allow_growth,cp_iter,shrinkage')
-        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers,
-                                     exclude, compensate)
-        cands = self.candidates(model, layers, exclude)[0]
-        self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
-        sample = sample_runner(model, input_shape, data)
-        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose,
-                        min_speedup=min_speedup)
+        return self.calibrated_run(model, data, n_batches, sequential, compensate, output_grams, input_shape,
+                                   layers, exclude, inplace, verbose, min_speedup)
 
     def plan_layer(self, name, conv, in_shape, work):
         """The block for `conv` and its report row, or None and the row with the reason it stays

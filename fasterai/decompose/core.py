@@ -16,6 +16,8 @@ from .ranks import check_range
 from .blocks import *
 from .batches import *
 from .surgery import *
+from .stats import layer_stats
+from .sensitivity import layer_out_roots
 
 # %% auto #0
 __all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_input', 'time_pair', 'slower_reason',
@@ -201,6 +203,16 @@ class Decomposer:
             if exclude is not None and any(under(n, exclude) for n in names): continue
             if isinstance(m, self.kinds): out.append((name, m))
         return out, [(n, b) for n, b in blocks if isinstance(b, self.block_type)]
+
+    def calibrated_run(self, model, data, n_batches, sequential, compensate, output_grams, input_shape,
+                       layers=None, exclude=None, inplace=False, verbose=True, min_speedup=None):
+        """`run` with `self.plan_layer`, after setting what it reads: `stats_for` (the input statistics of each
+        layer, from `data`) and `root_for` (its output weighting); the sample input from `input_shape` or `data`."""
+        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        cands = self.candidates(model, layers, exclude)[0]
+        self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
+        sample = sample_runner(model, input_shape, data)
+        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose, min_speedup=min_speedup)
 
     def run(self, model, plan_layer, layers=None, exclude=None, inplace=False, sample=None,
             verbose=True,

@@ -66,13 +66,8 @@ class FC_Decomposer(Decomposer):
         if not isinstance(compact, bool):
             raise TypeError(f'compact must be True or False, got {compact!r}')
         store_attr('percent_removed,energy_threshold,rank,calibration,allow_growth,shrinkage,compact')
-        self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers,
-                                     exclude, compensate)
-        cands = self.candidates(model, layers, exclude)[0]
-        self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
-        sample = sample_runner(model, input_shape, data)
-        return self.run(model, self.plan_layer, layers, exclude, inplace, sample, verbose,
-                        min_speedup=min_speedup)
+        return self.calibrated_run(model, data, n_batches, sequential, compensate, output_grams, input_shape,
+                                   layers, exclude, inplace, verbose, min_speedup)
 
     def plan_layer(self, name, lin, in_shape, work):
         """The block for `lin` and its report row, or None and the row with the reason it stays
