@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .blocks import *
+from .batches import hooked
 
 # %% auto #0
 __all__ = ['RUNTIMES', 'check_runtime', 'time_ms', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context',
@@ -181,39 +182,26 @@ def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     "Fastest milliseconds of each model in `models` (a list, or one model) on input `x` in `runtime`, interleaved."
     one = isinstance(models, nn.Module)
     models = [models] if one else list(models)
-    modes = [[m.training for m in model.modules()] for model in models]
-    try:
-        for m in models: m.eval()
-        out = time_ms([runner(m, x, runtime) for m in models], **timing)
-    finally:
-        for model, ms in zip(models, modes):
-            for m, t in zip(model.modules(), ms): m.training = t
+    with hooked(*models): out = time_ms([runner(m, x, runtime) for m in models], **timing)
     return out[0] if one else out
 
 # %% ../../nbs/11a_latency.ipynb #c023
 def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 10) -> dict:
     "Fastest milliseconds of each module in `layers` (name → module) inside eager forward passes of `model` on `x`."
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
-    start, spent, best, hooks = {}, {}, {}, []
+    start, spent, best = {}, {}, {}
     def pre(name):
         def f(m, args): sync(); start[name] = time.perf_counter()
         return f
     def post(name):
         def f(m, args, out): sync(); spent[name] = spent.get(name, 0.0) + time.perf_counter() - start[name]
         return f
-    for name, m in layers.items():
-        hooks += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
-    modes = [m.training for m in model.modules()]
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(x)
-            for _ in range(rounds):
-                spent.clear(); model(x)
-                for n, t in spent.items(): best[n] = min(best.get(n, math.inf), t)
-    finally:
-        for h in hooks: h.remove()
-        for m, t in zip(model.modules(), modes): m.training = t
+    hooks = dict(pre=[(m, pre(n)) for n, m in layers.items()], post=[(m, post(n)) for n, m in layers.items()])
+    with hooked(model, **hooks), torch.inference_mode():
+        model(x)
+        for _ in range(rounds):
+            spent.clear(); model(x)
+            for n, t in spent.items(): best[n] = min(best.get(n, math.inf), t)
     return {n: 1000 * t for n, t in best.items()}
 
 # %% ../../nbs/11a_latency.ipynb #c026
