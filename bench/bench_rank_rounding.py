@@ -4,7 +4,7 @@ Run from the repository root:  .venv/bin/python bench/bench_rank_rounding.py [--
 
 For the 3×3 convs of resnet50 and vgg16_bn at their own input sizes (batch 1 by default), a Tucker-2 block is built at
 ranks r = (R, R) for every R from a multiple of 32 down by 1 to the multiple of 32 below (R = 96..64, 64..32, ...
-around half of the layer's ranks) and timed with `fasterai.decompose.latency.time_ms` (interleaved, fastest of rounds,
+around half of the layer's ranks) and timed with `fasterai.decompose.core.time_ms` (interleaved, fastest of rounds,
 until stable). Reported per layer, over the R that are not multiples of q = 8, 16, 32: the median of t(R rounded up to a multiple
 of q) / t(R), below 1 when the multiple is faster despite its larger rank (the kernels like it), and the median of
 t(R rounded down) / t(R), what rounding down saves (compare with the MACs it removes).
@@ -28,7 +28,8 @@ import torch, torchvision
 from torch import nn
 torch.set_num_threads(ARGS.threads)
 from fasterai.decompose.blocks import tucker_layers
-from fasterai.decompose.latency import time_ms, eager_runner
+from fasterai.decompose.core import time_ms
+from fasterai.decompose.latency import eager_runner
 
 def med(xs):
     xs = list(xs)

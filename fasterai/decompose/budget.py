@@ -371,14 +371,11 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
 # %% ../../nbs/12_budget.ipynb #c012
 def timing_input(model: nn.Module, input_shape, data) -> torch.Tensor:
     "The input `model` is timed on: random values of `input_shape`, else the first batch of `data` (one tensor)."
-    p = next(model.parameters())
-    if input_shape is not None:
-        x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0))
-        return x.to(p.device, p.dtype if p.is_floating_point() else None)
+    if input_shape is not None: return layer_input(model, input_shape)
     kind, args = next(iter_batches(data, 1))
     if kind != 'args' or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         raise TypeError("budget_on='latency' times the model on one tensor input: pass input_shape=(1, C, H, W)")
-    return args[0].to(p.device)
+    return args[0].to(model_device(model))
 
 def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
     "`table` if it is a `LatencyTable`; the table saved at path `table` if that file exists; else a new one."

@@ -20,7 +20,7 @@ from .stats import layer_stats
 from .sensitivity import layer_out_roots
 
 # %% auto #0
-__all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_input', 'time_pair', 'slower_reason',
+__all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason',
            'check_min_speedup', 'other_runnable', 'machine_busy', 'calm_threads', 'Decomposer', 'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
@@ -51,30 +51,46 @@ def check_names(model: nn.Module, names, arg: str):
 
 # %% ../../nbs/09_core.ipynb #c008
 def layer_input(m: nn.Module, shape) -> torch.Tensor:
-    """A random input of `shape` on `m`'s device, in its weight's dtype (timing does not depend on
-    the values)."""
-    w = m.weight
+    """A random input of `shape` on the device and in the dtype of `m`'s first parameter (timing does
+    not depend on the values)."""
+    w = next(m.parameters())
     g = torch.Generator(device=w.device).manual_seed(0)
     return torch.randn(tuple(shape), generator=g, device=w.device, dtype=w.dtype)
 
+def time_ms(fns, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 200,
+            rel_tol: float = 0.01, patience: int = 5, warmup: int = 2, sync=None) -> list:
+    """Fastest milliseconds of each zero-argument callable in `fns`: every round runs each once, in an
+    order that rotates, after `warmup` rounds; rounds go on until each has run `min_time` seconds in all
+    and no minimum has improved by more than `rel_tol` for `patience` rounds (at most `max_rounds`).
+    The minimum, not the median: other work on the machine only ever adds time, and it comes in bursts
+    that a median of a few rounds does not filter."""
+    sync = sync or (lambda: None)
+    n = len(fns)
+    best, spent, last_gain = [math.inf] * n, [0.0] * n, 0
+    for _ in range(warmup):
+        for f in fns: f()
+    for r in range(max_rounds):
+        improved = False
+        for j in range(n):
+            i = (j + r) % n
+            sync(); t = time.perf_counter(); fns[i](); sync()
+            dt = time.perf_counter() - t
+            spent[i] += dt
+            if dt < best[i] * (1 - rel_tol): improved = True
+            best[i] = min(best[i], dt)
+        if improved: last_gain = r
+        done = r + 1 >= min_rounds and min(spent) >= min_time and r - last_gain >= patience
+        if done: break
+    return [1000 * b for b in best]
+
+
 def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.05,
               min_rounds: int = 5, max_rounds: int = 50):
-    """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns (a b, then b a) under
-    `torch.inference_mode` after a warm-up, until each has run `min_time` seconds in all (at least
-    `min_rounds`, at most `max_rounds` rounds). The minimum, not the median: other work on the
-    machine only ever adds time, and it comes in bursts that a median of a few rounds does not
-    filter."""
-    sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
-    ts = ([], [])
-    def once(i, m):
-        sync(); t = time.perf_counter(); m(x); sync(); ts[i].append(time.perf_counter() - t)
+    """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns under `torch.inference_mode`
+    (`time_ms`)."""
+    sync = torch.cuda.synchronize if x.device.type == 'cuda' else None
     with torch.inference_mode():
-        for _ in range(2): a(x); b(x)
-        n = 0
-        while n < max_rounds and (n < min_rounds or min(sum(ts[0]), sum(ts[1])) < min_time):
-            for i in ((0, 1) if n % 2 == 0 else (1, 0)): once(i, (a, b)[i])
-            n += 1
-    return tuple(1000 * min(t) for t in ts)
+        return tuple(time_ms([lambda: a(x), lambda: b(x)], min_time, min_rounds, max_rounds, sync=sync))
 
 # how a report reason starts when `min_speedup` refused the block
 SLOWER = 'block not faster'
@@ -236,14 +252,14 @@ class Decomposer:
         ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None),
                    min_speedup=min_speedup)
         rows, swaps = [_done_row(n, b) for n, b in done], []
-        for name, m in cands:
-            with calm_threads(getattr(getattr(m, 'weight', None), 'device', 'cpu')):
+        with calm_threads(model_device(work) or 'cpu'):       # busy or not: read once per call
+            for name, m in cands:
                 block, row = self._plan_one(name, m, plan_layer, work, **ctx)
-            rows.append(row)
-            if block is not None:
-                swaps.append((name, block))
-                work = swap(work, [(m, block)], owners)
-            if after_layer is not None: after_layer(name, m, block, work)
+                rows.append(row)
+                if block is not None:
+                    swaps.append((name, block))
+                    work = swap(work, [(m, block)], owners)
+                if after_layer is not None: after_layer(name, m, block, work)
         if sample is not None and swaps: _check_result_runs(work, sample)
         self.report = pd.DataFrame(rows,
                                    columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})

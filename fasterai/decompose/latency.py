@@ -6,16 +6,17 @@ Docs: https://fasterai.github.io/fasterai/latency.html.md"""
 
 # %% ../../nbs/11a_latency.ipynb #c003
 from __future__ import annotations
-import io, json, math, os, platform, time
+import io, json, math, platform, time
 from pathlib import Path
 import torch
 from torch import nn
 from .blocks import *
 from .batches import hooked
+from .core import time_ms, layer_input
 
 # %% auto #0
-__all__ = ['RUNTIMES', 'check_runtime', 'time_ms', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context',
-           'LatencyTable', 'LayerLatency', 'model_ms', 'in_model_ms', 'channels_last_cores', 'choose_layout']
+__all__ = ['RUNTIMES', 'check_runtime', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context', 'LatencyTable',
+           'LayerLatency', 'model_ms', 'in_model_ms', 'channels_last_cores', 'choose_layout']
 
 # %% ../../nbs/11a_latency.ipynb #c006
 RUNTIMES = ('eager', 'onnxruntime')
@@ -24,29 +25,7 @@ def check_runtime(runtime):
     "Raise unless `runtime` is one of `RUNTIMES`."
     if runtime not in RUNTIMES: raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
 
-def time_ms(fns, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 200,
-            rel_tol: float = 0.01, patience: int = 5, warmup: int = 2, sync=None) -> list:
-    "Fastest milliseconds of each zero-argument callable in `fns`, interleaved, repeated until stable."
-    sync = sync or (lambda: None)
-    n = len(fns)
-    best, spent, last_gain = [math.inf] * n, [0.0] * n, 0
-    for _ in range(warmup):
-        for f in fns: f()
-    for r in range(max_rounds):
-        improved = False
-        for j in range(n):
-            i = (j + r) % n
-            sync(); t = time.perf_counter(); fns[i](); sync()
-            dt = time.perf_counter() - t
-            spent[i] += dt
-            if dt < best[i] * (1 - rel_tol): improved = True
-            best[i] = min(best[i], dt)
-        if improved: last_gain = r
-        done = r + 1 >= min_rounds and min(spent) >= min_time and r - last_gain >= patience
-        if done: break
-    return [1000 * b for b in best]
-
-# %% ../../nbs/11a_latency.ipynb #c009
+# %% ../../nbs/11a_latency.ipynb #c008
 def eager_runner(m: nn.Module, x: torch.Tensor):
     "A callable running `m(x)` under inference mode."
     def run():
@@ -72,7 +51,7 @@ def runner(m: nn.Module, x: torch.Tensor, runtime: str = 'eager'):
     check_runtime(runtime)
     return eager_runner(m, x) if runtime == 'eager' else onnx_runner(m, x)
 
-# %% ../../nbs/11a_latency.ipynb #c011
+# %% ../../nbs/11a_latency.ipynb #c010
 def signature(m: nn.Module) -> str:
     "What `m`'s time depends on besides its input: class, hyperparameters and weight layout, recursively."
     w = getattr(m, 'weight', None)
@@ -87,7 +66,7 @@ def context(device='cpu', dtype=torch.float32, runtime: str = 'eager', threads: 
     return dict(device=str(torch.device(device)), dtype=str(dtype).replace('torch.', ''), runtime=runtime,
                 threads=threads or torch.get_num_threads(), torch=torch.__version__, cpu=platform.processor() or platform.machine())
 
-# %% ../../nbs/11a_latency.ipynb #c012
+# %% ../../nbs/11a_latency.ipynb #c011
 class LatencyTable:
     "Measured milliseconds per (module signature, input shape), in one context (device, dtype, threads, runtime)."
     def __init__(self, runtime: str = 'eager', device='cpu', dtype=torch.float32, entries: dict | None = None):
@@ -108,7 +87,7 @@ class LatencyTable:
         keys = [self.key(m, s) for m, s in zip(modules, shapes)]
         todo = {k: (m, s) for k, m, s in zip(keys, modules, shapes) if k not in self.entries}
         if todo:
-            fns = [runner(m, _input(m, s), self.runtime) for m, s in todo.values()]
+            fns = [runner(m, layer_input(m, s), self.runtime) for m, s in todo.values()]
             for k, t in zip(todo, time_ms(fns, **timing)): self.entries[k] = t
             self.measured += len(todo)
         return [self.entries[k] for k in keys]
@@ -131,13 +110,7 @@ class LatencyTable:
 
     def __repr__(self): return f'LatencyTable({len(self)} entries, {self.ctx})'
 
-def _input(m: nn.Module, shape) -> torch.Tensor:
-    "A random input of `shape` in the device and dtype of `m`'s first parameter."
-    p = next(m.parameters(), None)
-    kw = dict(device=p.device, dtype=p.dtype) if p is not None else {}
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0)).to(**kw)
-
-# %% ../../nbs/11a_latency.ipynb #c016
+# %% ../../nbs/11a_latency.ipynb #c015
 class LayerLatency:
     """Milliseconds of a layer dense (`dense_ms`) and as a block at any ranks (`ms(ranks)`), from its time at a few
     ranks. `in_shapes`: the input shape of each call of the layer (one shape, or a list for a layer run several times).
@@ -177,7 +150,7 @@ def _interp(v, x, y) -> float:
     t = y0 if x1 == x0 else y0 + (y1 - y0) * (v - x0) / (x1 - x0)
     return max(t, 0.0)
 
-# %% ../../nbs/11a_latency.ipynb #c021
+# %% ../../nbs/11a_latency.ipynb #c020
 def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     "Fastest milliseconds of each model in `models` (a list, or one model) on input `x` in `runtime`, interleaved."
     one = isinstance(models, nn.Module)
@@ -185,7 +158,7 @@ def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     with hooked(*models): out = time_ms([runner(m, x, runtime) for m in models], **timing)
     return out[0] if one else out
 
-# %% ../../nbs/11a_latency.ipynb #c023
+# %% ../../nbs/11a_latency.ipynb #c022
 def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 10) -> dict:
     "Fastest milliseconds of each module in `layers` (name → module) inside eager forward passes of `model` on `x`."
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
@@ -204,7 +177,7 @@ def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 1
             for n, t in spent.items(): best[n] = min(best.get(n, math.inf), t)
     return {n: 1000 * t for n, t in best.items()}
 
-# %% ../../nbs/11a_latency.ipynb #c026
+# %% ../../nbs/11a_latency.ipynb #c025
 def channels_last_cores(model: nn.Module) -> nn.Module:
     "`model`, with the weight of every 2-d k×k conv inside a `LowRankBlock` stored in `channels_last` (in place)."
     for blk in model.modules():
