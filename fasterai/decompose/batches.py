@@ -42,7 +42,7 @@ def _one_pair(data) -> bool:
 
 def iter_batches(data, n_batches: int | None = None, bs: int = 32):
     """Yield ('args', tuple) or ('kwargs', dict) model inputs from a tensor, a DataLoader or
-    iterable, or fastai `DataLoaders`."""
+    iterable, a torch `Dataset` (read in batches of `bs`), or fastai `DataLoaders`."""
     if n_batches is not None and n_batches < 0:
         raise ValueError(f'n_batches must be >= 0 or None, got {n_batches!r}')
     if _is_fastai_dls(data): data = data.train
@@ -51,6 +51,8 @@ def iter_batches(data, n_batches: int | None = None, bs: int = 32):
     if _one_pair(data):
         raise TypeError('data looks like one (input, target) batch; pass a list of batches, [(x, y)], or the '
                         'inputs alone')
+    # samples, not batches
+    if isinstance(data, torch.utils.data.Dataset): data = torch.utils.data.DataLoader(data, batch_size=bs)
     if isinstance(data, Iterator):
         raise TypeError(f'data must be re-iterable (a tensor, a list of batches, a DataLoader), got a one-shot '
                         f'{type(data).__name__}: calibration reads it several times; pass list(...) of it')

@@ -26,7 +26,8 @@ from .fc import *
 from .latency import *
 
 # %% auto #0
-__all__ = ['NS_PER_MS', 'BUDGET_ON', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
+__all__ = ['NS_PER_MS', 'BUDGET_ON', 'BUDGET_OF', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers',
+           'check_budget_args', 'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note',
            'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
            'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'latency_timer', 'latency_rows',
            'Budget_Decomposer']
@@ -234,6 +235,63 @@ def check_budget_args(model, budget, budget_on, method, input_shape, data, n_bat
     if not isinstance(compact, bool):
         raise TypeError(f'compact must be True or False, got {compact!r}')
 
+BUDGET_OF = ('dense', 'model')
+
+def check_budget_of(budget_of, budget_on, blocks):
+    "Raise an error naming `budget_of` unless it is valid for `budget_on` and a model holding `blocks`."
+    if budget_of not in BUDGET_OF:
+        raise ValueError(f'budget_of must be one of {BUDGET_OF}, got {budget_of!r}')
+    if budget_of == 'dense' and budget_on == 'latency' and blocks:
+        raise ValueError(f"budget_of='dense' with budget_on='latency': the model already holds {len(blocks)} "
+                         "decomposed block(s), and the dense model's time cannot be measured on it; pass the "
+                         "dense model, or budget_of='model' (a share of this model's time)")
+
+def dense_like(b: LowRankBlock) -> nn.Module | None:
+    """A skeleton (on 'meta') of the dense layer that block `b` replaced, from the attributes `adopt`
+    copied onto the block; None when they are missing."""
+    bias = getattr(b[-1], 'bias', None) is not None
+    if hasattr(b, 'in_features'): return nn.Linear(b.in_features, b.out_features, bias=bias, device='meta')
+    if hasattr(b, 'nx'): return nn.Linear(b.nx, b.nf, bias=bias, device='meta')
+    kinds = [torch_base(m) for m in b if isinstance(m, CONV_KINDS)]
+    if not hasattr(b, 'in_channels') or not kinds: return None
+    cls = next((k for k in kinds if issubclass(k, nn.modules.conv._ConvTransposeNd)), kinds[0])
+    kw = dict(stride=b.stride, padding=b.padding, dilation=b.dilation, groups=b.groups, bias=bias, device='meta')
+    if issubclass(cls, nn.modules.conv._ConvTransposeNd): kw['output_padding'] = b.output_padding
+    else: kw['padding_mode'] = b.padding_mode
+    return cls(b.in_channels, b.out_channels, b.kernel_size, **kw)
+
+def run_macs(layer: nn.Module, m: nn.Module, shapes, batch=None) -> int:
+    "MACs per sample of `m` (`layer` or its block) over the calls of `layer`, whose inputs had `shapes`."
+    if counts_rows(shapes, batch): return forward_macs(layer, m, shapes, batch)
+    if isinstance(layer, nn.Linear):
+        per = sum(l.weight.numel() for l in m) if isinstance(m, nn.Sequential) else m.weight.numel()
+        return per * linear_positions(shapes[0])
+    return block_macs(m, tuple(shapes[0][2:]))
+
+def block_costs(blocks, on: str, calls: dict, batch=None) -> tuple:
+    """What the decomposed `blocks` ((name, block) pairs) cost now, and what the dense layers they
+    replaced cost, in params or MACs (over their calls); a block whose layer is unknown counts as dense."""
+    now = dense = 0
+    for n, b in blocks:
+        d = dense_like(b)
+        if on == 'params': c, cd = n_params(b), n_params(d) if d is not None else None
+        elif not calls.get(n): c = cd = 0
+        else: c, cd = run_macs(b if d is None else d, b, calls[n], batch), None if d is None else run_macs(d, d, calls[n], batch)
+        now, dense = now + c, dense + (c if cd is None else cd)
+    return now, dense
+
+def budget_of_note(blocks, budget, budget_of, budget_on, total, ref) -> str:
+    "What `budget` means for a model that already holds decomposed `blocks`, and the other choice."
+    head = (f'the model already holds {len(blocks)} decomposed block(s) and keeps {total / ref:.1%} of the '
+            f'{budget_on} of the dense model they came from')
+    if budget_of == 'dense':
+        done = '; nothing more to cut' if total <= budget * ref else ''
+        return (f"{head}: budget={budget} is a share of that dense model (budget_of='dense'){done}. "
+                f"budget_of='model' takes it as a share of the model as it is now (a further cut, to "
+                f'{budget * total / ref:.1%} of the dense one)')
+    return (f"{head}: budget={budget} is a share of the model as it is now (budget_of='model'), "
+            f"{budget * total / ref:.1%} of the dense one. budget_of='dense' takes it as a share of the dense model")
+
 def budget_candidates(model, conv: bool, fc: bool, layers, exclude) -> dict:
     """Name → layer for every candidate of the conv and Linear decomposers that `conv` and `fc` turn
     on."""
@@ -311,19 +369,23 @@ def warn_allocation(cost, budget, total, fixed, n_plans, budget_on):
         warnings.warn(f'budget={budget} of the {budget_on}: the closest allocation found keeps {cost / total:.1%}; one '
                       'more rank in any layer would go over the target (few, large layers make coarse steps)')
 
-def run_decomposers(model, plans, chosen: dict, method, conv_args: dict, fc_args: dict):
-    "The model with the `chosen` ranks applied by both decomposers (on a copy), and their reports."
+def run_decomposers(model, plans, chosen: dict, method, conv_args: dict, fc_args: dict,
+                    after_layer=None):
+    """The model with the `chosen` ranks applied by both decomposers (on a copy), and their reports;
+    `after_layer` is each decomposer's hook (see `Decomposer.run`)."""
     out, reports = model, []
     conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
     fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
     if conv_names:
         d = Conv_Decomposer()
+        d.after_layer = after_layer
         out = d.decompose(out, method=method, layers=conv_names,
                           ranks={n: chosen[n] for n in conv_names},
                           inplace=False, verbose=False, **conv_args)
         reports.append(d.report)
     if fc_names:
         d = FC_Decomposer()
+        d.after_layer = after_layer
         out = d.decompose(out, layers=fc_names, ranks={n: chosen[n][0] for n in fc_names},
                           inplace=out is not model,
                           verbose=False, **fc_args)
@@ -366,7 +428,7 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
     def in_order(names): return names.map(lambda n: order.get(n, len(order)))
     rep = rep.drop_duplicates('name').sort_values('name', key=in_order, kind='stable')
-    return rep.reset_index(drop=True)
+    return rep.reindex(columns=REPORT_COLUMNS).reset_index(drop=True)
 
 # %% ../../nbs/12_budget.ipynb #c012
 def timing_input(model: nn.Module, input_shape, data) -> torch.Tensor:
@@ -403,7 +465,7 @@ def latency_timer(table: LatencyTable, calls: dict):
 
 def latency_rows(report: pd.DataFrame, plans, chosen: dict) -> pd.DataFrame:
     "`report` with each planned layer's predicted milliseconds, dense and as its block, where no timing filled them."
-    rep, by = report.copy(), {p.name: p for p in plans}
+    rep, by = report.reindex(columns=REPORT_COLUMNS), {p.name: p for p in plans}
     for i, n in enumerate(rep.name):
         p = by.get(n)
         if p is None or pd.notna(rep.at[i, 'ms_before']): continue
@@ -419,6 +481,9 @@ class Budget_Decomposer:
     report: pd.DataFrame = None
     latency: dict | None = None        # budget_on='latency': target, planned and measured milliseconds
     latency_table: LatencyTable | None = None   # budget_on='latency': what was timed, to pass in again
+    plan: dict | None = None           # the budget's reference total, the cost before and the planned cost
+    # called as after_layer(name, layer, block or None, work model) per layer the allocation cuts
+    after_layer = None
 
     @allow_autograd
     @with_conv1d
@@ -449,6 +514,7 @@ class Budget_Decomposer:
                   min_speedup: float | None = None,  # keep only blocks this much faster
                   runtime: str = 'eager',        # budget_on='latency': 'eager' or 'onnxruntime'
                   latency_table=None,            # budget_on='latency': a LatencyTable, or a JSON path
+                  budget_of: str = 'dense',      # a model with blocks: share of its dense original, or 'model'
                   **refused) -> nn.Module:       # decomposers' rank arguments: refused, saying why
         """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of
         its parameters (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs
@@ -462,8 +528,11 @@ class Budget_Decomposer:
         check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                           refused)
         check_runtime(runtime)
+        blocks = [(n, b) for n, b in model.named_modules() if isinstance(b, LowRankBlock)]
+        check_budget_of(budget_of, budget_on, blocks)
         cands = budget_candidates(model, conv, fc, layers, exclude)
-        calls, batch = probe_shapes(model, cands, input_shape, data, budget_on)
+        probe = {**cands, **dict(blocks)} if budget_on == 'macs' else cands
+        calls, batch = probe_shapes(model, probe, input_shape, data, budget_on)
         shapes = {n: s[0] for n, s in calls.items()}
         auto = sensitivity is None
         if auto: sensitivity = data is not None
@@ -490,9 +559,16 @@ class Budget_Decomposer:
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
         check_plans(model, plans, skipped)
+        now, dense = block_costs(blocks, budget_on, calls, batch) if budget_on != 'latency' else (0, 0)
+        # params and latency already count the blocks as they are; the MACs count candidates only
+        if budget_on == 'macs': fixed += now
         total = fixed + sum(p.dense for p in plans)
-        ranks, cost, _ = allocate(plans, budget * total, fixed)
-        warn_allocation(cost, budget, total, fixed, len(plans), budget_on)
+        ref = total + (dense - now if budget_of == 'dense' else 0)
+        if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
+        ranks, cost, _ = allocate(plans, budget * ref, fixed)
+        # already within the budget (a decomposed model, budget_of='dense'): the note said so
+        if total > budget * ref: warn_allocation(cost, budget, ref, fixed, len(plans), budget_on)
+        self.plan = dict(budget_of=budget_of, reference=ref, before=total, planned=cost)
         chosen = {n: r for n, r in ranks.items() if r is not None}
         passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,
                       sequential=sequential,
@@ -500,13 +576,15 @@ class Budget_Decomposer:
                       min_speedup=min_speedup)
         conv_args = dict(passed, n_iter=n_iter, tol=tol, cp_iter=cp_iter)
         out, reports = run_decomposers(model, plans, chosen, method, conv_args,
-                                       dict(passed, compact=compact))
+                                       dict(passed, compact=compact), self.after_layer)
         out = finish_budget(model, out, reports, inplace)
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
         if timer is not None: self._measure(model, out, plans, chosen, budget, cost, inplace, latency_table)
-        self._summarize(reports, len(chosen), len(plans), cost, total, budget, budget_on, verbose)
+        self.report = tidy_report(self.report)
+        self._summarize(reports, len(chosen), len(plans), cost, ref, budget, budget_on, verbose,
+                        'the dense original' if blocks and budget_of == 'dense' else None)
         return out
 
     def _timer(self, model, budget_on, runtime, table, input_shape, data, calls):
@@ -539,7 +617,7 @@ class Budget_Decomposer:
                             planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before)
         if table is not None and not isinstance(table, LatencyTable): self.latency_table.save(table)
 
-    def _summarize(self, reports, n_chosen, n_plans, cost, total, budget, budget_on, verbose):
+    def _summarize(self, reports, n_chosen, n_plans, cost, total, budget, budget_on, verbose, of=None):
         "Warn when `min_speedup` left planned layers dense; print the plan when `verbose`."
         slow = sum(int(r.reason.astype(str).str.startswith(SLOWER).sum()) for r in reports)
         if slow: warnings.warn(f'min_speedup left {slow} planned layer(s) dense (their blocks were not faster than the '
@@ -553,7 +631,8 @@ class Budget_Decomposer:
                   f"measured {t['dense_ms']:.3g} → {t['measured_ms']:.3g} ms ({t['measured_share']:.1%})")
             return
         print(f'decompose: {n_chosen} of {n_plans} eligible layers decomposed; planned {budget_on} '
-              f'{int(total):,} → {int(cost):,} ({cost / total:.1%}, target {budget:.0%})')
+              f'{int(total):,} → {int(cost):,} ({cost / total:.1%}' + (f' of {of}' if of else '') +
+              f', target {budget:.0%})')
 
 # %% ../../nbs/12_budget.ipynb #c014
 class _Decompose:

@@ -71,10 +71,14 @@ def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True,
     `state_dict` holds rebuilt in place of their layers, and `state_dict` loaded. A copy unless
     `inplace`. Keys in the checkpoint names of `transformers`' `save_pretrained` are renamed
     (`hf_checkpoint_names`); with `strict`, a tied weight the file left out (safetensors stores a
-    tied `lm_head.weight` once) is not missing."""
+    tied `lm_head.weight` once) is not missing. fastai's checkpoint (`{'model': ..., 'opt': ...}`, what
+    `learn.save` writes) gives its model's state. A `state_dict` none of whose keys name a tensor of the
+    model is an error, `strict` or not."""
     check_model(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f'state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}')
+    # fastai's `learn.save(name)`: the model's state and the optimizer's
+    if set(state_dict) == {'model', 'opt'} and isinstance(state_dict['model'], Mapping): state_dict = state_dict['model']
     state_dict = hf_checkpoint_names(model, state_dict)
     work = model if inplace else safe_deepcopy(model)
     owners, seen = find_owners(work), set()
@@ -95,6 +99,10 @@ def load_decomposed(model: nn.Module, state_dict: dict, strict: bool = True,
                              'of this model?')
         work = swap(work, [(m, adopt(match, m, name))], owners)
     res = work.load_state_dict(state_dict, strict=False)
+    if state_dict and len(res.unexpected_keys) == len(state_dict):
+        raise ValueError(f'load_decomposed: none of the {len(state_dict)} keys of state_dict names a tensor of this '
+                         f'{type(model).__name__} (e.g. {list(state_dict)[:3]}): it was saved from another '
+                         'architecture, or under a prefix (a wrapper such as DDP\'s `module.`)')
     if strict:
         params = dict(work.named_parameters(remove_duplicate=False))
         loaded = {id(params[k]) for k in state_dict if k in params}

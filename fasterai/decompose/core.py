@@ -6,13 +6,13 @@ Docs: https://fasterai.github.io/fasterai/core.html.md"""
 
 # %% ../../nbs/09_core.ipynb #c003
 from __future__ import annotations
-import difflib, functools, math, os, statistics, time
+import difflib, functools, math, os, statistics, time, warnings
 from contextlib import contextmanager
 from collections import defaultdict
 import torch
 import pandas as pd
 from torch import nn
-from .ranks import check_range
+from .ranks import check_range, full_ranks
 from .blocks import *
 from .batches import *
 from .surgery import *
@@ -20,8 +20,9 @@ from .stats import layer_stats
 from .sensitivity import layer_out_roots
 
 # %% auto #0
-__all__ = ['SLOWER', 'REPORT_COLUMNS', 'allow_autograd', 'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason',
-           'check_min_speedup', 'other_runnable', 'machine_busy', 'calm_threads', 'Decomposer', 'check_rank_args']
+__all__ = ['SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd', 'check_names', 'layer_input',
+           'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup', 'other_runnable', 'machine_busy',
+           'calm_threads', 'tidy_report', 'damage_note', 'warn_damage', 'Decomposer', 'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
@@ -139,7 +140,7 @@ def calm_threads(device='cpu'):
     finally:
         if calm: torch.set_num_threads(n)
 
-# %% ../../nbs/09_core.ipynb #c014
+# %% ../../nbs/09_core.ipynb #c015
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
                   'macs_after',
                   'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before',
@@ -169,6 +170,36 @@ def _check_result_runs(work, sample):
         raise RuntimeError(f'the decomposed model does not run ({type(e).__name__}: {e}); the model you passed is '
                            'unchanged. Code outside a layer may read its attributes directly (e.g. `.weight`): leave '
                            'that layer out with exclude=') from e
+
+TIMING_COLUMNS = ('ms_before', 'ms_after')
+
+def tidy_report(report: pd.DataFrame) -> pd.DataFrame:
+    "`report` without the timing columns when nothing was timed (they would be NaN on every row)."
+    empty = [c for c in TIMING_COLUMNS if c in report and report[c].isna().all()]
+    return report.drop(columns=empty) if empty else report
+
+# a predicted relative output error above this: the layer's output is mostly lost (see `damage_note`)
+DAMAGE_ERROR = 0.5
+
+def damage_note(name: str, m: nn.Module, block, row: dict) -> str | None:
+    """Why the block made for layer `m` may wreck the model, or None: a rank of at most 2 where the
+    layer's full rank is 8 or more, or a predicted relative output error above `DAMAGE_ERROR`."""
+    if block is None: return None
+    full = (min(m.weight.shape),) if isinstance(m, nn.Linear) else full_ranks(m, block.method)
+    cut = [f'{r} of {f}' for r, f in zip(block.ranks, full) if r <= 2 and f >= 8]
+    err = row.get('predicted_error')
+    high = err is not None and not pd.isna(err) and err > DAMAGE_ERROR
+    if not (cut or high): return None
+    return f"{name} (rank {', '.join(cut) or block.ranks}" + (f', predicted error {err:.2f}' if high else '') + ')'
+
+def warn_damage(label: str, notes: list):
+    "Warn, with the numbers, when some blocks (`notes` from `damage_note`) are likely to wreck the model."
+    if not notes: return
+    some = '; '.join(notes[:4]) + ('; ...' if len(notes) > 4 else '')
+    warnings.warn(f'{label}: {len(notes)} layer(s) were cut to rank ≤ 2 or to a predicted relative output error '
+                  f'above {DAMAGE_ERROR}: {some}. The model may lose most of its accuracy; ask for a smaller cut '
+                  '(percent_removed=, budget=), calibrate on data (data=), or leave these layers out (exclude=)',
+                  stacklevel=3)
 
 def _swap_in(model, swaps):
     """Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at
@@ -251,20 +282,23 @@ class Decomposer:
                             lambda: sample(work)) if sample is not None and cands else {}
         ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None),
                    min_speedup=min_speedup)
-        rows, swaps = [_done_row(n, b) for n, b in done], []
+        rows, swaps, damage = [_done_row(n, b) for n, b in done], [], []
         with calm_threads(model_device(work) or 'cpu'):       # busy or not: read once per call
             for name, m in cands:
                 block, row = self._plan_one(name, m, plan_layer, work, **ctx)
                 rows.append(row)
+                damage.append(damage_note(name, m, block, row))
                 if block is not None:
                     swaps.append((name, block))
                     work = swap(work, [(m, block)], owners)
                 if after_layer is not None: after_layer(name, m, block, work)
         if sample is not None and swaps: _check_result_runs(work, sample)
-        self.report = pd.DataFrame(rows,
-                                   columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
+        self.report = tidy_report(pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object,
+                                                                                    'status': object}))
         result = _swap_in(model, swaps) if inplace else work
-        if verbose: print(self.summary(model if not inplace else None, result))
+        warn_damage(self.label, [d for d in damage if d])
+        # nothing to say about a model without candidates
+        if verbose and len(self.report): print(self.summary(model if not inplace else None, result))
         return result
 
     def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup):
@@ -310,12 +344,13 @@ class Decomposer:
             s += f'; model params {tb:,} → {ta:,} ({ta / max(tb, 1):.1%})'
         mb, ma = r.macs_before.dropna(), r.macs_after.dropna()
         if len(mb) and len(ma): s += f'; candidate MACs {int(mb.sum()):,} → {int(ma.sum()):,}'
+        if 'ms_before' not in r: return s
         # a layer left dense keeps its time
         tb, ta = r.ms_before, r.ms_after.where(r.status == 'decomposed', r.ms_before)
         if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
-# %% ../../nbs/09_core.ipynb #c016
+# %% ../../nbs/09_core.ipynb #c018
 def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
                     input_shape):
     """Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a

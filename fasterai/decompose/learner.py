@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/learner.html.md"""
 
 # %% ../../nbs/14_learner.ipynb #c002
 from __future__ import annotations
-import inspect
+import contextlib, functools, inspect, io, re, warnings
 import pandas as pd
 import torch
 from torch import nn
@@ -16,17 +16,20 @@ from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
+from fastai.learner import Recorder, load_model, join_path_file
+from fastcore.basics import noop
 import numpy as np
-from .blocks import LowRankBlock, CONV_KINDS
-from .batches import under
-from .core import check_names
+from .blocks import LowRankBlock, CONV_KINDS, n_params
+from .batches import under, iter_batches
+from .core import check_names, REPORT_COLUMNS, tidy_report
 from .conv import Conv_Decomposer
 from .fc import FC_Decomposer
-from .budget import Budget_Decomposer
+from .budget import Budget_Decomposer, budget_candidates
+from .checkpoint import load_decomposed
 
 # %% auto #0
-__all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'copy_hypers', 'DecomposeCallback',
-           'NuclearNormCallback']
+__all__ = ['WEIGHT_ONLY_CUT', 'accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'shape_mismatch',
+           'check_calibration', 'warn_weight_only', 'copy_hypers', 'DecomposeCallback', 'NuclearNormCallback']
 
 # %% ../../nbs/14_learner.ipynb #c005
 def accepted_kwargs(f, kwargs: dict) -> dict:
@@ -82,6 +85,53 @@ def _with_data(kw: dict, n_batches, calib) -> dict:
     if kw.get('data') is not None and n_batches: kw['n_batches'] = n_batches
     return kw
 
+def _first_input(data):
+    "The first input tensor of `data`'s first batch, or None."
+    try: kind, v = next(iter_batches(data, 1))
+    except (StopIteration, TypeError): return None
+    first = v[0] if kind == 'args' and v else next(iter(v.values()), None) if kind == 'kwargs' else None
+    return first if isinstance(first, torch.Tensor) else None
+
+def shape_mismatch(x: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Do calibration inputs `x` differ from the Learner's own inputs `ref` in a way no batch of the
+    same data would: rank, channels, or (images, volumes) a spatial size off by more than 1.5×?
+    Sequence lengths vary from batch to batch, so a 2-d or 3-d input's last dims are not compared."""
+    if x.dim() != ref.dim(): return True
+    if x.dim() >= 3 and x.shape[1] != ref.shape[1]: return True
+    return x.dim() >= 4 and any(max(a, b) > 1.5 * min(a, b) for a, b in zip(x.shape[2:], ref.shape[2:]))
+
+def check_calibration(learn, data):
+    "Warn when the inputs of `data` do not look like the Learner's own (e.g. 8×8 images for a 32×32 model)."
+    x, ref = _first_input(data), _first_input(calibration_dls(learn.dls))
+    if x is None or ref is None or not shape_mismatch(x, ref): return
+    warnings.warn(f'data: its inputs have shape {tuple(x.shape[1:])} per sample, the Learner\'s own '
+                  f'{tuple(ref.shape[1:])}. Calibrating on inputs the model is not used with fits every layer to the '
+                  "wrong statistics; pass inputs like the Learner's, or leave data= out to read its training batches",
+                  stacklevel=3)
+
+# a cut from the weights alone this large loses much more than a calibrated one (see the ablation below)
+WEIGHT_ONLY_CUT = 0.3
+
+def warn_weight_only(n_batches, kwargs, percent_removed, budget):
+    "Say so when a large cut runs from the weights alone while the Learner has data to calibrate on."
+    if n_batches or 'data' in kwargs: return
+    if (budget is None and percent_removed < WEIGHT_ONLY_CUT) or (budget is not None and budget > 1 - WEIGHT_ONLY_CUT):
+        return
+    warnings.warn('n_batches=0: decomposing from the weights alone. A calibrated fit (the default, n_batches=4 of the '
+                  "Learner's training batches) fits each layer's outputs on real inputs and usually keeps far more "
+                  'accuracy at this size', stacklevel=3)
+
+def _kept_rows(model, keep: list) -> pd.DataFrame:
+    "Report rows for the first and last layers `Learner.decompose` leaves dense."
+    first, last = end_layers(model)
+    rows = []
+    for n in dict.fromkeys(keep):
+        m, which = model.get_submodule(n), 'keep_first' if n == first else 'keep_last'
+        rows.append(dict(name=n, type=type(m).__name__, params_before=n_params(m), params_after=n_params(m),
+                         status='skipped', reason=f'{which}=True: the {which[5:]} layer of the model stays dense '
+                                              f'(pass {which}=False, or name it in layers=, to decompose it)'))
+    return pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object, 'status': object})
+
 @patch
 def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = 'tucker',
               percent_removed: float = 0.5,
@@ -97,38 +147,43 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     unknown = [k for k in kwargs if not _takes_any(k, budget)]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
     model, calib = self.model, lambda: calibration_dls(self.dls)
+    if kwargs.get('data') is not None: check_calibration(self, kwargs['data'])
+    warn_weight_only(n_batches, kwargs, percent_removed, budget)
     given = _as_list(kwargs.get('layers'))
     keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in given]
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
+    kept = _kept_rows(model, keep)
     if budget is not None:
         d = Budget_Decomposer()
-        kw = {'verbose': False, **_with_data(kwargs, n_batches, calib)}
+        bar = _LayerBar(self, progress, len(budget_candidates(model, conv, fc, kwargs.get('layers'),
+                                                              kwargs.get('exclude'))))
+        d.after_layer = bar.tick
         model = d.decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv,
-                            fc=fc, **kw)
-        return self._install_decomposed(model, [d.report])
+                            fc=fc, **_with_data(kwargs, n_batches, calib))
+        bar.close()
+        return self._install_decomposed(model, [d.report, kept])
     decs = ([(Conv_Decomposer(), dict(method=method))] if conv else []) + ([(FC_Decomposer(), {})] if fc else [])
-    bar = _LayerBar(self, progress, decs, kwargs)
+    layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
+    bar = _LayerBar(self, progress, sum(len(d.candidates(model, layers, exclude)[0]) for d, _ in decs))
     data = calib() if n_batches else None
     for dec, extra in decs:
         kw = {**accepted_kwargs(dec.decompose, kwargs), **extra, 'percent_removed': percent_removed}
         kw = _with_data(kw, n_batches, lambda: data)
-        if bar.total: dec.after_layer = bar.tick
+        dec.after_layer = bar.tick
         model = dec.decompose(model, **kw)
     bar.close()
-    return self._install_decomposed(model, [d.report for d, _ in decs if d.report is not None])
+    return self._install_decomposed(model, [d.report for d, _ in decs if d.report is not None] + [kept])
 
 class _LayerBar:
-    """A progress bar over the candidate layers of the decomposers `decs`, ticked by their
-    `after_layer` hook."""
-    def __init__(self, learn, progress, decs, kwargs):
-        # no bar under `learn.no_bar()`
-        show = progress and getattr(learn, 'progress', None) is not None
-        layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
-        self.total = sum(len(d.candidates(learn.model, layers, exclude)[0]) for d, _ in decs) if show else 0
-        self.pb, self.done = (progress_bar(range(self.total), leave=False) if self.total else None), 0
-        if self.pb is not None: self.pb.update(0)
+    """A progress bar over `total` layers, ticked by the decomposers' `after_layer` hook; drawn at the
+    first tick (an argument error comes before any), and not under `learn.no_bar()`."""
+    def __init__(self, learn, progress, total):
+        self.total = total if progress and getattr(learn, 'progress', None) is not None else 0
+        self.pb, self.done = None, 0
 
     def tick(self, name, layer=None, block=None, work=None):
+        if not self.total: return
+        if self.pb is None: self.pb = progress_bar(range(self.total), leave=False); self.pb.update(0)
         self.done += 1; self.pb.comment = name; self.pb.update(min(self.done, self.total))
 
     def close(self):
@@ -147,18 +202,67 @@ def _learner_signature():
 
 Learner.decompose.__signature__ = _learner_signature()
 
+def _in_order(report: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
+    "`report`'s rows in `model`'s module order."
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    return report.sort_values('name', key=lambda s: s.map(lambda n: order.get(n, len(order))), kind='stable')
+
 @patch
 def _install_decomposed(self: Learner, model, reports):
     """Put `model` on the Learner (on its device) with a new optimizer; keep and return the
-    concatenated `reports`."""
+    concatenated `reports`, in the model's order."""
+    dense = self.model
     dev = getattr(self.dls, 'device', None)
     self.model = model if dev is None else model.to(dev)
     self.create_opt()
     full = [r for r in reports if len(r)]
-    self.decompose_report = pd.concat(full, ignore_index=True) if full else reports[0]
+    rep = pd.concat(full, ignore_index=True) if full else reports[0]
+    rep = _in_order(rep.reindex(columns=[c for c in REPORT_COLUMNS if c in rep]), dense)
+    self.decompose_report = tidy_report(rep.reset_index(drop=True))
     return self.decompose_report
 
-# %% ../../nbs/14_learner.ipynb #c033
+# %% ../../nbs/14_learner.ipynb #c028
+class _Captured(nn.Module):
+    "Takes what fastai's `load_model` reads from a file, in place of a model or an optimizer."
+    state = None
+    def load_state_dict(self, state, strict=True): self.state = state
+
+@patch
+def load_decomposed(self: Learner, file, device=None, with_opt: bool = True, strict: bool = True):
+    """Load `self.path/self.model_dir/file.pth`, saved by `learn.save` from a decomposed Learner, into this
+    Learner's dense model: the blocks are rebuilt from the saved shapes, the weights loaded, and the
+    optimizer state too (with `with_opt`, when the file has it)."""
+    if device is None and hasattr(self.dls, 'device'): device = self.dls.device
+    path = join_path_file(file, self.path / self.model_dir, ext='.pth')
+    model_state, opt_state = _Captured(), _Captured()
+    # fastai's own reading (weights only, with the types its optimizer state holds)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=".*optimizer state")
+        load_model(path, model_state, opt_state, with_opt=True, device=device)
+    model = load_decomposed(self.model, model_state.state, strict=strict)
+    self._install_decomposed(model, [pd.DataFrame(columns=REPORT_COLUMNS)])
+    self.decompose_report = None
+    if with_opt and opt_state.state is not None:
+        try: self.opt.load_state_dict(opt_state.state)
+        except Exception: warnings.warn('Could not load the optimizer state: the model is loaded, the optimizer is new')
+    return self
+
+def _load_hint(load):
+    "fastai's `Learner.load`, with a pointer to `load_decomposed` when a file does not fit the model."
+    @functools.wraps(load)
+    def _load(self, file, *args, **kwargs):
+        try: return load(self, file, *args, **kwargs)
+        except RuntimeError as e:
+            if 'state_dict' not in str(e) or not re.search(r'\.\d+\.weight', str(e)): raise
+            raise RuntimeError(f'{e}\n\nIf {file!r} was saved from a decomposed Learner, load it into this dense '
+                               f'model with learn.load_decomposed({file!r}), which rebuilds the blocks first') from e
+    _load._fasterai_hint = True
+    return _load
+
+# importing this module twice must not wrap twice
+if not getattr(Learner.load, '_fasterai_hint', False): Learner.load = _load_hint(Learner.load)
+
+# %% ../../nbs/14_learner.ipynb #c038
 def copy_hypers(opt, hypers):
     """Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when
     the counts differ)."""
@@ -169,9 +273,13 @@ def copy_hypers(opt, hypers):
 
 class DecomposeCallback(Callback):
     """Decompose the model with `learn.decompose(**decompose_kwargs)` at the start of epoch
-    `at_epoch`, then train on."""
+    `at_epoch`, then train on. The decomposition counts in that epoch's time, and its summary is
+    written through fastai's progress output after the results table."""
+    # after the Recorder's `before_epoch`, which starts the epoch's clock
+    order = Recorder.order + 1
     def __init__(self, at_epoch: int = 1, **decompose_kwargs):
         self.at_epoch, self.decompose_kwargs, self.report = at_epoch, decompose_kwargs, None
+        self.summary = []
 
     @property
     # the default, 'decompose', would hide `learn.decompose`
@@ -184,7 +292,10 @@ class DecomposeCallback(Callback):
     def before_epoch(self):
         if self.epoch != self.at_epoch or self.report is not None: return
         hypers = [dict(h) for h in self.opt.hypers]
-        self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
+        # the decomposers' summary lines would land in the middle of fastai's table
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.report = self.learn.decompose(**{'progress': False, **self.decompose_kwargs})
+        self.summary = out.getvalue().splitlines()
         copy_hypers(self.learn.opt, hypers)
         # a best-so-far from the dense epochs belongs to another model:
         for cb in self.learn.cbs:
@@ -192,6 +303,12 @@ class DecomposeCallback(Callback):
             if isinstance(cb, TrackerCallback):
                 cb.best = float('inf') if cb.comp == np.less else -float('inf')
                 if hasattr(cb, 'wait'): cb.wait = 0
+
+    def after_fit(self):
+        "Write the summary after the table: under fastai's master bar, else printed (nothing under `no_logging`)."
+        if not self.summary or self.learn.logger is noop: return
+        mbar = getattr(getattr(self.learn, 'progress', None), 'mbar', None)
+        for line in self.summary: mbar.write(line) if mbar else print(line)
 
 def _callback_signature():
     "`DecomposeCallback(at_epoch, ...)`: `at_epoch`, then the keywords of `Learner.decompose`."
@@ -201,16 +318,18 @@ def _callback_signature():
 
 DecomposeCallback.__init__.__signature__ = _callback_signature()
 
-# %% ../../nbs/14_learner.ipynb #c043
+# %% ../../nbs/14_learner.ipynb #c048
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and
     Linear weight under `layers` to the training loss. Layers inside an already-decomposed block are
     left alone: the penalty prepares layers for decomposition, and after a `DecomposeCallback` it
     stops on the layers that were replaced."""
     run_valid = False
-    def __init__(self, weight: float = 1e-4, layers=None, relative: bool = False):
-        store_attr('weight,layers,relative')
-        self.penalty, self._mods, self._for = None, [], None
+    def __init__(self, weight: float = 1e-4, layers=None, relative: bool = False, every: int = 8):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f'every must be an int >= 1 (steps between two SVD directions), got {every!r}')
+        store_attr('weight,layers,relative,every')
+        self.penalty, self._mods, self._for, self._dirs, self._step = None, [], None, None, 0
 
     def modules(self):
         """The layers to penalize in the current model (looked up again when the model is replaced,
@@ -226,16 +345,32 @@ class NuclearNormCallback(Callback):
             self._for = self.model
         return self._mods
 
-    def norm(self, w):
-        "The penalty for one weight."
+    @staticmethod
+    @torch.no_grad()
+    def direction(w) -> torch.Tensor:
+        "$UV^\\top$ of `w` (T×rest), from the eigendecomposition of its smaller Gram matrix (float64)."
+        W = w.detach().reshape(w.shape[0], -1).double()
+        t = W.shape[0] > W.shape[1]
+        if t: W = W.T
+        lam, U = torch.linalg.eigh(W @ W.T)
+        s = lam.clamp_min(0).sqrt()
+        inv = torch.where(s > 1e-6 * s.max(), 1 / s, torch.zeros_like(s))
+        G = (U * inv) @ (U.T @ W)
+        return (G.T if t else G).to(w.dtype)
+
+    def norm(self, w, G=None):
+        "The penalty for one weight: ⟨W, G⟩ (÷ ‖W‖ if `relative`), G its fresh or kept direction."
         W = w.reshape(w.shape[0], -1)
-        nuc = torch.linalg.matrix_norm(W, 'nuc')
+        nuc = (W * (self.direction(w) if G is None else G)).sum()
         return nuc / W.norm().clamp_min(1e-12) if self.relative else nuc
 
     def after_loss(self):
         mods = self.modules()
         # nothing left to penalize (e.g. all decomposed)
         if not mods: self.penalty = None; return
-        pen = sum(self.norm(m.weight) for m in mods)
+        if self._dirs is None or self._dirs[0] is not mods or self._step % self.every == 0:
+            self._dirs = (mods, [self.direction(m.weight) for m in mods])
+        self._step += 1
+        pen = sum(self.norm(m.weight, G) for m, G in zip(mods, self._dirs[1]))
         self.learn.loss_grad = self.learn.loss_grad + self.weight * pen
         self.penalty = pen.detach()
