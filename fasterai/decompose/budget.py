@@ -558,12 +558,13 @@ class Budget_Decomposer:
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
-        check_plans(model, plans, skipped)
         now, dense = block_costs(blocks, budget_on, calls, batch) if budget_on != 'latency' else (0, 0)
         # params and latency already count the blocks as they are; the MACs count candidates only
         if budget_on == 'macs': fixed += now
         total = fixed + sum(p.dense for p in plans)
         ref = total + (dense - now if budget_of == 'dense' else 0)
+        # a decomposed model already within its budget has nothing left to plan, and that is fine
+        if not (blocks and total <= budget * ref): check_plans(model, plans, skipped)
         if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
         ranks, cost, _ = allocate(plans, budget * ref, fixed)
         # already within the budget (a decomposed model, budget_of='dense'): the note said so

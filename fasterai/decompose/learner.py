@@ -22,14 +22,17 @@ import numpy as np
 from .blocks import LowRankBlock, CONV_KINDS, n_params
 from .batches import under, iter_batches
 from .core import check_names, REPORT_COLUMNS, tidy_report
+from .ranks import check_range
 from .conv import Conv_Decomposer
 from .fc import FC_Decomposer
 from .budget import Budget_Decomposer, budget_candidates
 from .checkpoint import load_decomposed
+from .report import report_spectra
 
 # %% auto #0
 __all__ = ['WEIGHT_ONLY_CUT', 'accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'shape_mismatch',
-           'check_calibration', 'warn_weight_only', 'copy_hypers', 'DecomposeCallback', 'NuclearNormCallback']
+           'check_calibration', 'warn_weight_only', 'peak_lr', 'copy_hypers', 'DecomposeCallback',
+           'NuclearNormCallback']
 
 # %% ../../nbs/14_learner.ipynb #c005
 def accepted_kwargs(f, kwargs: dict) -> dict:
@@ -202,6 +205,14 @@ def _learner_signature():
 
 Learner.decompose.__signature__ = _learner_signature()
 
+def peak_lr(learn) -> float | None:
+    """The highest learning rate of the Learner's last `fit`, or None before any: from the schedule a
+    `ParamScheduler` (`fit_one_cycle`, ...) leaves in `recorder.hps`, else the rates the Recorder logged
+    batch by batch (until a `validate` clears them)."""
+    rec = getattr(learn, 'recorder', None)
+    lrs = getattr(rec, 'hps', {}).get('lr') or getattr(rec, 'lrs', None)
+    return float(max(lrs)) if lrs else None
+
 def _in_order(report: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
     "`report`'s rows in `model`'s module order."
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
@@ -212,16 +223,50 @@ def _install_decomposed(self: Learner, model, reports):
     """Put `model` on the Learner (on its device) with a new optimizer; keep and return the
     concatenated `reports`, in the model's order."""
     dense = self.model
+    # the peak learning rate of the training run, for `fine_tune_decomposed` (the first decomposition's)
+    if getattr(self, 'train_lr', None) is None: self.train_lr = peak_lr(self)
     dev = getattr(self.dls, 'device', None)
     self.model = model if dev is None else model.to(dev)
     self.create_opt()
     full = [r for r in reports if len(r)]
     rep = pd.concat(full, ignore_index=True) if full else reports[0]
     rep = _in_order(rep.reindex(columns=[c for c in REPORT_COLUMNS if c in rep]), dense)
-    self.decompose_report = tidy_report(rep.reset_index(drop=True))
-    return self.decompose_report
+    rep = tidy_report(rep.reset_index(drop=True))
+    # what `plot_report` draws once the dense model is gone: the weight spectra of the largest layers
+    rep.attrs['spectra'] = report_spectra(rep, dense) if (rep.status == 'decomposed').any() else []
+    self.decompose_report = rep
+    return rep
 
-# %% ../../nbs/14_learner.ipynb #c028
+# %% ../../nbs/14_learner.ipynb #c029
+def _valid_loss(learn) -> float | None:
+    "The Learner's validation loss, or None without a validation set."
+    if not len(getattr(learn.dls, 'valid', [])): return None
+    with learn.no_bar(): return float(learn.validate()[0])
+
+@patch
+def fine_tune_decomposed(self: Learner, epochs: int = 1, lr: float | None = None, div: float = 10,
+                         keep_best: bool = True, **kwargs) -> dict:
+    """Fine-tune a decomposed model with `fit_one_cycle(epochs, lr)` on every parameter; `lr` by default is the
+    training run's peak learning rate (`learn.train_lr`, else `learn.lr`) ÷ `div`. With `keep_best`, the
+    weights go back to what they were (with a warning) when fine-tuning raised the validation loss. Other
+    keywords go to `fit_one_cycle`. Returns the LR and the validation losses before and after."""
+    if lr is None: lr = (getattr(self, 'train_lr', None) or self.lr) / div
+    check_range('lr', lr, 0, 1, lo_closed=False)
+    self.fine_tune_lr = lr
+    before = _valid_loss(self) if keep_best else None
+    state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if before is not None else None
+    self.fit_one_cycle(epochs, lr, **kwargs)
+    after = _valid_loss(self) if before is not None else None
+    res = dict(lr=lr, valid_loss_before=before, valid_loss_after=after, kept='fine-tuned')
+    if after is not None and after > before:
+        self.model.load_state_dict(state); self.create_opt()
+        res['kept'] = 'before'
+        warnings.warn(f'fine_tune_decomposed: {epochs} epoch(s) at lr {lr:.2g} raised the validation loss '
+                      f'({before:.4f} → {after:.4f}); the weights from before fine-tuning are back '
+                      '(keep_best=False keeps the fine-tuned ones)')
+    return res
+
+# %% ../../nbs/14_learner.ipynb #c033
 class _Captured(nn.Module):
     "Takes what fastai's `load_model` reads from a file, in place of a model or an optimizer."
     state = None
@@ -262,7 +307,7 @@ def _load_hint(load):
 # importing this module twice must not wrap twice
 if not getattr(Learner.load, '_fasterai_hint', False): Learner.load = _load_hint(Learner.load)
 
-# %% ../../nbs/14_learner.ipynb #c038
+# %% ../../nbs/14_learner.ipynb #c043
 def copy_hypers(opt, hypers):
     """Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when
     the counts differ)."""
@@ -318,7 +363,7 @@ def _callback_signature():
 
 DecomposeCallback.__init__.__signature__ = _callback_signature()
 
-# %% ../../nbs/14_learner.ipynb #c048
+# %% ../../nbs/14_learner.ipynb #c053
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and
     Linear weight under `layers` to the training loss. Layers inside an already-decomposed block are

@@ -6,8 +6,10 @@ Docs: https://fasterai.github.io/fasterai/report.html.md"""
 
 # %% ../../nbs/13_report.ipynb #c002
 from __future__ import annotations
+import warnings
 import pandas as pd
 from torch import nn
+from .blocks import LowRankBlock
 from .factorize import work_dtype, mode_matrices, spectrum
 from .stats import whitened_spectra
 from .surgery import conv1d_as_linear
@@ -27,14 +29,16 @@ def _weight_spectrum(m, method):
 def report_spectra(report: pd.DataFrame, model: nn.Module, max_spectra: int = 8, data=None,
                    n_batches: int | None = 4,
                    shrinkage='auto') -> list:
-    """(name, spectrum, kept rank) of the first `max_spectra` decomposed layers of `report`, read
-    from the original `model`: whitened when `data` is given (for svd/tucker convs and Linears, the
-    spectra data-aware ranks come from)."""
+    """(name, spectrum, kept rank) of the `max_spectra` largest decomposed layers of `report` (in the
+    model's order), read from the original `model`: whitened when `data` is given (for svd/tucker convs
+    and Linears, the spectra data-aware ranks come from)."""
     # GPT-2's Conv1D: read as the Linear it is
     model = conv1d_as_linear(model)[0]
     mods = dict(model.named_modules())
-    dec = report[report.status == 'decomposed'].head(max_spectra)
-    rows = [row for _, row in dec.iterrows() if hasattr(mods.get(row['name']), 'weight')]
+    dec = report[report.status == 'decomposed']
+    dec = dec.loc[dec.params_before.astype(float).nlargest(max_spectra).index.sort_values()]
+    rows = [row for _, row in dec.iterrows() if hasattr(mods.get(row['name']), 'weight')
+            and not isinstance(mods.get(row['name']), LowRankBlock)]
     def readable(row):
         m = mods[row['name']]
         return isinstance(m,
@@ -50,17 +54,19 @@ def report_spectra(report: pd.DataFrame, model: nn.Module, max_spectra: int = 8,
         out.append((name, s.cpu(), row['ranks'][0]))
     return out
 
-def _plot_params(ax, r):
-    "Params before and after per layer; the layers kept as they were are hatched and marked."
+def _plot_bars(ax, r, before, after, what):
+    "`before` and `after` per layer on a log scale; the layers kept as they were are hatched and marked."
     x = range(len(r))
-    ax.bar([i - 0.2 for i in x], r.params_before, 0.4, label='before', color='tab:gray')
-    after = ax.bar([i + 0.2 for i in x], r.params_after, 0.4, label='after', color='tab:blue')
-    for i, (bar, st) in enumerate(zip(after, r.status)):
+    ax.bar([i - 0.2 for i in x], r[before].astype(float), 0.4, label='before', color='tab:gray')
+    bars = ax.bar([i + 0.2 for i in x], r[after].astype(float), 0.4, label='after', color='tab:blue')
+    for i, (bar, st) in enumerate(zip(bars, r.status)):
         if st == 'decomposed': continue
         bar.set_hatch('//')
-        ax.text(i, r.params_before[i], 'kept', ha='center', va='bottom', fontsize=7, rotation=90)
+        ax.text(i, r[before].iloc[i], 'kept', ha='center', va='bottom', fontsize=7, rotation=90)
+    # the small layers would look like zero on a linear scale
+    ax.set_yscale('log')
     ax.set_xticks(list(x)); ax.set_xticklabels(r.name, rotation=90, fontsize=7)
-    ax.set_ylabel('parameters'); ax.set_title('parameters per layer'); ax.legend()
+    ax.set_ylabel(what); ax.set_title(f'{what} per layer (log scale)'); ax.legend()
 
 def _plot_spectra(ax, spectra, whitened: bool):
     "Each normalized spectrum, with its kept rank dotted."
@@ -70,23 +76,46 @@ def _plot_spectra(ax, spectra, whitened: bool):
         ax.axvline(k, color=line.get_color(), ls=':', lw=1)
     kind = 'whitened spectra' if whitened else 'weight spectra'
     ax.set_xlabel('component'); ax.set_ylabel('σ / σ₁')
-    ax.set_title(f'{kind} (dotted: kept rank)'); ax.legend(fontsize=7)
+    ax.set_title(f'{kind} of the largest layers (dotted: kept rank)'); ax.legend(fontsize=7)
 
-def plot_report(report: pd.DataFrame, model: nn.Module | None = None, max_spectra: int = 8,
+def _is_decomposed(model, report) -> bool:
+    "Does `model` hold blocks at the names `report` decomposed (it is the result, not the dense model)?"
+    mods = dict(model.named_modules())
+    return any(isinstance(mods.get(n), LowRankBlock) for n in report.name[report.status == 'decomposed'])
+
+def plot_report(report, model: nn.Module | None = None, max_spectra: int = 8,
                 data=None,
                 n_batches: int | None = 4, shrinkage='auto'):
-    """A matplotlib figure of a decomposer's `report`: params before/after per layer (skipped layers
-    hatched), and, given the original `model`, each decomposed layer's normalized spectrum with the
-    kept rank marked. With the calibration `data` the ranks were chosen with, the spectra are those
-    of the whitened weights (W L, L Lᵀ the layer's input second moment, shrunk by `shrinkage` as the
-    decomposers do), the ones data-aware ranks are read from; else the weights' own."""
+    """A matplotlib figure of a decomposer's `report` (or of a Learner's last `learn.decompose`): params
+    before/after per layer, MACs too when the report has them (log scales; layers kept as they were
+    hatched), and the normalized spectra of the `max_spectra` largest decomposed layers with the kept
+    rank marked. The spectra are read from the dense `model`, or from what the report kept of it (a
+    Learner's report keeps its layers' weight spectra, so the decomposed model or the Learner do too).
+    With the calibration `data` the ranks were chosen with, they are the whitened spectra data-aware
+    ranks are read from (W L, L Lᵀ the layer's input second moment, shrunk by `shrinkage`); else the
+    weights' own. A panel left out is said so, in the figure and in a warning."""
     import matplotlib.pyplot as plt
+    # a Learner: its last `learn.decompose`
+    if hasattr(report, 'decompose_report'): report = report.decompose_report
+    if report is None: raise ValueError('report: nothing decomposed yet (learn.decompose_report is None)')
     r = report.reset_index(drop=True)
-    spectra = report_spectra(r, model, max_spectra, data, n_batches,
-                             shrinkage) if model is not None else []
-    fig, axes = plt.subplots(1, 2 if spectra else 1, figsize=(13 if spectra else 8, 4),
-                             squeeze=False)
-    _plot_params(axes[0, 0], r)
-    if spectra: _plot_spectra(axes[0, 1], spectra, data is not None)
-    fig.tight_layout()
+    spectra, whitened, missing = [], False, []
+    if model is not None and not _is_decomposed(model, r):
+        spectra, whitened = report_spectra(r, model, max_spectra, data, n_batches, shrinkage), data is not None
+    elif report.attrs.get('spectra'): spectra = report.attrs['spectra'][:max_spectra]
+    elif len(r) and (r.status == 'decomposed').any():
+        missing.append('spectra (pass the dense model the report was made from: this one is already decomposed)'
+                       if model is not None else 'spectra (pass the dense model)')
+    macs = 'macs_before' in r and r.macs_before.notna().any()
+    if not macs: missing.append('MACs (the report has none: pass input_shape= or data= when decomposing)')
+    panels = 1 + macs + bool(spectra)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    _plot_bars(axes[0, 0], r, 'params_before', 'params_after', 'parameters')
+    if macs: _plot_bars(axes[0, 1], r.fillna({'macs_before': 0, 'macs_after': 0}), 'macs_before', 'macs_after', 'MACs')
+    if spectra: _plot_spectra(axes[0, -1], spectra, whitened)
+    if missing:
+        note = 'left out: ' + '; '.join(missing)
+        fig.text(0.01, 0.005, note, fontsize=7, color='gray')
+        warnings.warn(f'plot_report: {note}', stacklevel=2)
+    fig.tight_layout(rect=(0, 0.03 if missing else 0, 1, 1))
     return fig
