@@ -24,6 +24,7 @@ from .core import *
 from .conv import *
 from .fc import *
 from .latency import *
+from .distributed import on_rank0
 
 # %% auto #0
 __all__ = ['NS_PER_MS', 'BUDGET_ON', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
@@ -491,7 +492,7 @@ class Budget_Decomposer:
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
         check_plans(model, plans, skipped)
         total = fixed + sum(p.dense for p in plans)
-        ranks, cost, _ = allocate(plans, budget * total, fixed)
+        ranks, cost, _ = on_rank0(lambda: allocate(plans, budget * total, fixed))     # one plan for every process
         warn_allocation(cost, budget, total, fixed, len(plans), budget_on)
         chosen = {n: r for n, r in ranks.items() if r is not None}
         passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,

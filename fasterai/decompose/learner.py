@@ -23,6 +23,7 @@ from .core import check_names
 from .conv import Conv_Decomposer
 from .fc import FC_Decomposer
 from .budget import Budget_Decomposer
+from .distributed import unwrap_ddp, rewrap_ddp
 
 # %% auto #0
 __all__ = ['accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'copy_hypers', 'DecomposeCallback',
@@ -96,7 +97,8 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     if not (conv or fc): raise ValueError('conv and fc are both False: nothing to decompose')
     unknown = [k for k in kwargs if not _takes_any(k, budget)]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
-    model, calib = self.model, lambda: calibration_dls(self.dls)
+    # under DDP, the module inside (`_install_decomposed` wraps the new one again)
+    model, calib = unwrap_ddp(self.model), lambda: calibration_dls(self.dls)
     given = _as_list(kwargs.get('layers'))
     keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in given]
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
@@ -124,7 +126,7 @@ class _LayerBar:
         # no bar under `learn.no_bar()`
         show = progress and getattr(learn, 'progress', None) is not None
         layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
-        self.total = sum(len(d.candidates(learn.model, layers, exclude)[0]) for d, _ in decs) if show else 0
+        self.total = sum(len(d.candidates(unwrap_ddp(learn.model), layers, exclude)[0]) for d, _ in decs) if show else 0
         self.pb, self.done = (progress_bar(range(self.total), leave=False) if self.total else None), 0
         if self.pb is not None: self.pb.update(0)
 
@@ -149,10 +151,10 @@ Learner.decompose.__signature__ = _learner_signature()
 
 @patch
 def _install_decomposed(self: Learner, model, reports):
-    """Put `model` on the Learner (on its device) with a new optimizer; keep and return the
-    concatenated `reports`."""
+    """Put `model` on the Learner (on its device, in a new `DistributedDataParallel` wrapper when the
+    Learner's model was wrapped) with a new optimizer; keep and return the concatenated `reports`."""
     dev = getattr(self.dls, 'device', None)
-    self.model = model if dev is None else model.to(dev)
+    self.model = rewrap_ddp(self.model, model if dev is None else model.to(dev))   # a new DDP wrapper, if any
     self.create_opt()
     full = [r for r in reports if len(r)]
     self.decompose_report = pd.concat(full, ignore_index=True) if full else reports[0]

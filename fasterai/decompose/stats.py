@@ -15,6 +15,7 @@ from .whiten import *
 from .ranks import check_range
 from .blocks import *
 from .batches import *
+from .distributed import reduce_stats
 
 # %% auto #0
 __all__ = ['conv_pads', 'conv_patches', 'layer_inputs', 'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink',
@@ -207,6 +208,7 @@ def collect_stats(model, data, modules: dict, n_batches: int | None = 8, device=
             seen.clear(); mask[0] = token_mask(item)
             try: run_model(model, item, device)
             except _Stop: pass
+    reduce_stats(stats, modules)                                        # the union of every process's shard
     empty = [n for n, s in stats.items() if s.n == 0]
     if empty: warnings.warn(f'no inputs reached {empty}')
     return stats
@@ -249,7 +251,7 @@ def collect_pair_stats(ref_model, model, data, ref_module, module,
                 except _Stop: pass
             if len(got) == 2 and got['ref'].shape == got['new'].shape:
                 st.update(got['ref'], got['new'])
-    return st
+    return reduce_stats({'': st}, {'': module})['']
 
 def compensated_target(W, st: PairStats, ridge: float = 1e-6):
     """M = (W C + λW)(Σ̃ + λI)⁻¹: the weight that best maps the decomposed model's inputs to the
