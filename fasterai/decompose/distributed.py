@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/distributed.html.md"""
 
 # %% ../../nbs/04a_distributed.ipynb #c002
 from __future__ import annotations
-import copy, functools, hashlib
+import copy, functools, hashlib, inspect
 from contextlib import contextmanager
 import torch
 from torch import nn
@@ -181,10 +181,14 @@ def rewrap_ddp(old: nn.Module, new: nn.Module) -> nn.Module:
     """`new` wrapped like `old`: a new `DistributedDataParallel` with `old`'s settings when `old` is one (its
     parameters are new, so the old wrapper's buckets and hooks cannot serve), else `new`."""
     if not isinstance(old, _DDP): return new
-    kw = dict(device_ids=old.device_ids, output_device=old.output_device, broadcast_buffers=old.broadcast_buffers,
-              find_unused_parameters=old.find_unused_parameters, process_group=old.process_group,
-              gradient_as_bucket_view=old.gradient_as_bucket_view, static_graph=old.static_graph)
+    kw = dict(device_ids=old.device_ids, output_device=old.output_device, process_group=old.process_group,
+              find_unused_parameters=old.find_unused_parameters, gradient_as_bucket_view=old.gradient_as_bucket_view,
+              static_graph=old.static_graph)
     if getattr(old, 'bucket_bytes_cap', None): kw['bucket_cap_mb'] = old.bucket_bytes_cap / 1024 ** 2
+    # buffers synced at each forward: the default; the flag's name depends on the torch version
+    if not getattr(old, 'forward_sync_buffers', getattr(old, 'broadcast_buffers', True)):
+        newer = 'forward_sync_buffers' in inspect.signature(_DDP.__init__).parameters
+        kw['forward_sync_buffers' if newer else 'broadcast_buffers'] = False
     return _DDP(new, **kw)
 
 # %% ../../nbs/04a_distributed.ipynb #c017
