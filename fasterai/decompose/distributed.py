@@ -95,6 +95,7 @@ def reduce_stats(stats: dict, modules: dict) -> dict:
     for name in sorted(stats):
         st, m = stats[name], modules[name]
         pair = hasattr(st, 'cross_sum')
+        if getattr(st, '_rows', None): st.sigma                           # rows kept (few): form Σ, then sum
         _zeros(st, m, pair)
         if pair: st.n = reduce_sums([st.sum, st.cross_sum, st._s4, st._sum, st._t], st.n); continue
         n = st.n
