@@ -1,3 +1,12 @@
+"""What two CPU processes (gloo) build when each decomposes the same MLP with its own shard as `data=`.
+
+    .venv/bin/python bench/dist_check.py
+
+For `FC_Decomposer(energy_threshold=0.9)` and `Budget_Decomposer(budget=0.5)` it prints each process's ranks, whether
+the state_dicts have the same shapes, their largest difference, and what wrapping the result in
+`DistributedDataParallel` did. Before issue 19 (f83ebbb): FC ranks (15, 19, 6) against (16, 20, 6); the budget's
+ranks agreed but its factors differed by up to 3.1; DDP over the FC results hung (no result in 300 s). After: the same
+ranks and a difference of 0.0 for both."""
 import os, sys, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
 from torch import nn
 from fasterai.decompose.all import *
@@ -34,7 +43,6 @@ def work(rank, world, port, q):
 
 if __name__ == '__main__':
     ctx = mp.get_context('spawn'); q = ctx.Queue()
-    ps = [ctx.Process(target=work, args=(r, 2, free_port() if False else PORT, q)) for r in range(2)] if False else None
     port = free_port()
     ps = [ctx.Process(target=work, args=(r, 2, port, q)) for r in range(2)]
     for p in ps: p.start()
