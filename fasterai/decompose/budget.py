@@ -24,6 +24,7 @@ from .core import *
 from .conv import *
 from .fc import *
 from .latency import *
+from .distributed import on_rank0
 
 # %% auto #0
 __all__ = ['NS_PER_MS', 'BUDGET_ON', 'BUDGET_OF', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers',
@@ -566,7 +567,7 @@ class Budget_Decomposer:
         # a decomposed model already within its budget has nothing left to plan, and that is fine
         if not (blocks and total <= budget * ref): check_plans(model, plans, skipped)
         if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
-        ranks, cost, _ = allocate(plans, budget * ref, fixed)
+        ranks, cost, _ = on_rank0(lambda: allocate(plans, budget * ref, fixed))     # one plan for every process
         # already within the budget (a decomposed model, budget_of='dense'): the note said so
         if total > budget * ref: warn_allocation(cost, budget, ref, fixed, len(plans), budget_on)
         self.plan = dict(budget_of=budget_of, reference=ref, before=total, planned=cost)

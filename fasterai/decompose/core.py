@@ -18,6 +18,7 @@ from .batches import *
 from .surgery import *
 from .stats import layer_stats
 from .sensitivity import layer_out_roots
+from .distributed import collective, rank0_decides, agree, is_rank0, to_device_of, check_same
 
 # %% auto #0
 __all__ = ['SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd', 'check_names', 'layer_input',
@@ -26,11 +27,12 @@ __all__ = ['SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
-    """Run `f` with inference mode off: calibration needs autograd, and blocks made under
-    `torch.inference_mode` could not be trained."""
+    """Run `f` with inference mode off (calibration needs autograd, and blocks made under
+    `torch.inference_mode` could not be trained), as one collective call under `torch.distributed`
+    (`fasterai.decompose.distributed`)."""
     @functools.wraps(f)
     def _f(*args, **kwargs):
-        with torch.inference_mode(False): return f(*args, **kwargs)
+        with torch.inference_mode(False), collective(): return f(*args, **kwargs)
     return _f
 
 def check_names(model: nn.Module, names, arg: str):
@@ -58,6 +60,7 @@ def layer_input(m: nn.Module, shape) -> torch.Tensor:
     g = torch.Generator(device=w.device).manual_seed(0)
     return torch.randn(tuple(shape), generator=g, device=w.device, dtype=w.dtype)
 
+@rank0_decides
 def time_ms(fns, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 200,
             rel_tol: float = 0.01, patience: int = 5, warmup: int = 2, sync=None) -> list:
     """Fastest milliseconds of each zero-argument callable in `fns`: every round runs each once, in an
@@ -285,13 +288,16 @@ class Decomposer:
         rows, swaps, damage = [_done_row(n, b) for n, b in done], [], []
         with calm_threads(model_device(work) or 'cpu'):       # busy or not: read once per call
             for name, m in cands:
-                block, row = self._plan_one(name, m, plan_layer, work, **ctx)
+                # made on every process (statistics are summed), rank 0's kept
+                block, row = agree(lambda: self._plan_one(name, m, plan_layer, work, **ctx, rank0=is_rank0()))
+                block = to_device_of(block, m)
                 rows.append(row)
                 damage.append(damage_note(name, m, block, row))
                 if block is not None:
                     swaps.append((name, block))
                     work = swap(work, [(m, block)], owners)
                 if after_layer is not None: after_layer(name, m, block, work)
+        check_same(swaps, self.label)                     # bit-identical blocks on every process
         if sample is not None and swaps: _check_result_runs(work, sample)
         self.report = tidy_report(pd.DataFrame(rows, columns=REPORT_COLUMNS).astype({'reason': object,
                                                                                     'status': object}))
@@ -301,7 +307,7 @@ class Decomposer:
         if verbose and len(self.report): print(self.summary(model if not inplace else None, result))
         return result
 
-    def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup):
+    def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup, rank0=True):
         "The block for candidate `m` (None when it stays as it is) and its report row."
         shapes = calls.get(name)
         in_shape = shapes[0] if shapes else None
@@ -312,7 +318,7 @@ class Decomposer:
         if reason is None: block, extra = plan_layer(name, m, in_shape, work); row.update(extra)
         else: row['reason'] = reason
         row['seconds'] = time.perf_counter() - t0
-        if block is not None and min_speedup is not None and in_shape is not None:
+        if block is not None and min_speedup is not None and in_shape is not None and rank0:
             block = self._timed(m, block, in_shape, min_speedup, row)
         _fill_costs(row, m, block, shapes, batch)
         if block is not None: block.source = name

@@ -123,10 +123,15 @@ class FC_Decomposer(Decomposer):
             A, B, s = lowrank(W.to(work_dtype(W)), k)
             row['weight_error'] = float(s[k:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-30))
             return A, B
-        sigma = st.sigma.to(W.device)
-        A, B, s = whitened_lowrank(Wp, sigma, k)
-        row['predicted_error'], row['output_error'] = predicted_error(s,
-                                                                      k), output_error(Wp, A @ B, sigma)
+        root = getattr(st, 'root', None)     # the rows themselves, while fewer than half the inputs
+        if root is not None:
+            A, B, s = whitened_lowrank(Wp, None, k, root=root)
+            row['output_error'] = output_error(Wp, (A, B), None, root=root)
+        else:
+            sigma = st.sigma.to(W.device)
+            A, B, s = whitened_lowrank(Wp, sigma, k)
+            row['output_error'] = output_error(Wp, A @ B, sigma)
+        row['predicted_error'] = predicted_error(s, k)
         if P is not None: A = apply_rows(P[1], A)
-        row['weight_error'] = float((W.double() - A @ B).norm() / W.double().norm().clamp_min(1e-30))
+        row['weight_error'] = lowrank_weight_error(W, A, B)
         return A, B

@@ -13,6 +13,7 @@ from torch import nn
 from .blocks import *
 from .batches import hooked
 from .core import time_ms, layer_input
+from .distributed import rank0_decides
 
 # %% auto #0
 __all__ = ['RUNTIMES', 'check_runtime', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context', 'LatencyTable',
@@ -159,6 +160,7 @@ def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     return out[0] if one else out
 
 # %% ../../nbs/11a_latency.ipynb #c022
+@rank0_decides
 def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 10) -> dict:
     "Fastest milliseconds of each module in `layers` (name → module) inside eager forward passes of `model` on `x`."
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)

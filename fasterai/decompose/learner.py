@@ -28,6 +28,7 @@ from .fc import FC_Decomposer
 from .budget import Budget_Decomposer, budget_candidates
 from .checkpoint import load_decomposed
 from .report import report_spectra
+from .distributed import unwrap_ddp, rewrap_ddp
 
 # %% auto #0
 __all__ = ['WEIGHT_ONLY_CUT', 'accepted_kwargs', 'takes', 'tick_per_layer', 'end_layers', 'calibration_dls', 'shape_mismatch',
@@ -149,7 +150,8 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     if not (conv or fc): raise ValueError('conv and fc are both False: nothing to decompose')
     unknown = [k for k in kwargs if not _takes_any(k, budget)]
     if unknown: raise TypeError(f'Learner.decompose got unexpected keyword arguments {unknown}')
-    model, calib = self.model, lambda: calibration_dls(self.dls)
+    # under DDP, the module inside (`_install_decomposed` wraps the new one again)
+    model, calib = unwrap_ddp(self.model), lambda: calibration_dls(self.dls)
     if kwargs.get('data') is not None: check_calibration(self, kwargs['data'])
     warn_weight_only(n_batches, kwargs, percent_removed, budget)
     given = _as_list(kwargs.get('layers'))
@@ -220,13 +222,14 @@ def _in_order(report: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
 
 @patch
 def _install_decomposed(self: Learner, model, reports):
-    """Put `model` on the Learner (on its device) with a new optimizer; keep and return the
-    concatenated `reports`, in the model's order."""
-    dense = self.model
+    """Put `model` on the Learner (on its device, in a new `DistributedDataParallel` wrapper when the
+    Learner's model was wrapped) with a new optimizer; keep and return the concatenated `reports`, in the
+    model's order."""
+    dense = unwrap_ddp(self.model)
     # the peak learning rate of the training run, for `fine_tune_decomposed` (the first decomposition's)
     if getattr(self, 'train_lr', None) is None: self.train_lr = peak_lr(self)
     dev = getattr(self.dls, 'device', None)
-    self.model = model if dev is None else model.to(dev)
+    self.model = rewrap_ddp(self.model, model if dev is None else model.to(dev))   # a new DDP wrapper, if any
     self.create_opt()
     full = [r for r in reports if len(r)]
     rep = pd.concat(full, ignore_index=True) if full else reports[0]

@@ -13,6 +13,7 @@ from torch import nn
 from .ranks import check_range
 from .blocks import *
 from .batches import *
+from .distributed import reduce_sums
 
 # %% auto #0
 __all__ = ['output_grams', 'gram_mean', 'output_root', 'output_sensitivity', 'check_grams', 'layer_out_roots']
@@ -131,6 +132,7 @@ def output_grams(model: nn.Module, data, modules: dict, n_batches: int | None = 
             reached = _add_probes(out, calls, token_mask(item), modules, acc, gen,
                                   n_probes) or reached
             n += n_probes
+    n, seen, reached = reduce_sums(acc.values(), n, seen, reached)     # over every process's shard
     _check_reached(seen, n, reached, acc)
     return {k: v / max(n, 1) for k, v in acc.items()}
 

@@ -11,8 +11,8 @@ import torch
 from .factorize import *
 
 # %% auto #0
-__all__ = ['whitening', 'unwhiten', 'apply_rows', 'whitened_lowrank', 'output_error', 'predicted_error', 'whitened_channel_svd',
-           'whitened_tucker2', 'whitened_spatial', 'whitened_conv']
+__all__ = ['whitening', 'unwhiten', 'apply_rows', 'whitened_lowrank', 'output_error', 'lowrank_weight_error', 'predicted_error',
+           'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'whitened_conv']
 
 # %% ../../nbs/01_whiten.ipynb #c006
 def whitening(sigma, ridge: float = 1e-6):
@@ -25,9 +25,12 @@ def whitening(sigma, ridge: float = 1e-6):
     tr = float(S.diagonal().sum())
     if tr <= 0: return torch.eye(d, dtype=S.dtype, device=S.device)
     lam = ridge * tr / d
-    S = S + lam * torch.eye(d, dtype=S.dtype, device=S.device)
-    L, info = torch.linalg.cholesky_ex(S)
-    if int(info) == 0 and torch.isfinite(L).all(): return L
+    # one d×d copy, factored in place: Σ, its ridged copy and an eye would be three
+    S = S.clone(); S.diagonal().add_(lam)
+    info = torch.empty((), dtype=torch.int32, device=S.device)
+    L, info = torch.linalg.cholesky_ex(S, out=(S, info))
+    if int(info) == 0 and torch.isfinite(L.diagonal()).all(): return L
+    S = sigma.detach().double().clone(); S.diagonal().add_(lam)
     ev, V = torch.linalg.eigh(S)
     floor = max(lam, float(ev.max()) * d * torch.finfo(S.dtype).eps)
     return V * ev.clamp_min(floor).sqrt()
@@ -62,12 +65,25 @@ def _split(A, B, s):
     root = torch.where(safe, root, torch.ones_like(root))
     return (A * root).contiguous(), (B / root[:, None]).contiguous()
 
-def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6):
-    """Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for x of second moment `sigma`; and the
+def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6, root=None):
+    """Rank-`r` `A @ B ≈ M` minimizing E‖(M − AB)x‖² for x of second moment `sigma` (or `root`, a
+    (k, n) R with Σ = RᵀR, when the rows are fewer than the inputs: no n×n matrix is made); and the
     singular values of M·L."""
     M = M.detach().double()
     m, n = M.shape
     if not 0 <= r <= min(m, n): raise ValueError(f'rank must be in [0, {min(m, n)}], got {r}')
+    if root is not None:
+        Rt = root.detach().to(M.device, torch.float64)
+        if Rt.dim() != 2 or Rt.shape[1] != n: raise ValueError(f'root must be k×{n}, got {tuple(Rt.shape)}')
+        tr = float(Rt.pow(2).sum())                                         # tr(Σ)
+        if not math.isfinite(tr): raise ValueError('root has NaN/Inf entries')
+        if tr <= 0: return lowrank(M, r)
+        if m <= n:
+            MR = M @ Rt.T                                                   # M Σ' Mᵀ = (MRᵀ)(MRᵀ)ᵀ + λ M Mᵀ
+            U, s = _eig_top(MR @ MR.T + (ridge * tr / n) * (M @ M.T), r)
+            A, B = _split(U, U.T @ M, s[:r])
+            return A, B, s
+        sigma = Rt.T @ Rt                                                   # n < m: Σ is the small side
     S = sigma.detach().to(M.device, torch.float64)
     if S.shape != (n, n): raise ValueError(f'sigma must be {n}×{n}, got {tuple(S.shape)}')
     tr = float(S.diagonal().sum())
@@ -87,15 +103,32 @@ def whitened_lowrank(M, sigma, r: int, ridge: float = 1e-6):
     A, B = _split(M @ (L @ V) / nz, unwhiten(V.T, L) * nz[:, None], sr)
     return A, B, s
 
-def output_error(W, W_hat, sigma):
+def output_error(W, W_hat, sigma, root=None):
     """Relative output error sqrt(tr(EΣEᵀ)/tr(WΣWᵀ)), E = W − Ŵ (rows: outputs), for `sigma` (d, d)
-    or per group (g, d, d)."""
+    or per group (g, d, d); or for Σ = RᵀR given as `root` (k, d), with Ŵ as a matrix or as factors (A, B)
+    (no d×d or m×d product is made)."""
+    if root is not None:
+        Rt = root.to(W.device, torch.float64).T
+        W2 = W.detach().double().reshape(W.shape[0], -1)
+        WR = W2 @ Rt
+        if isinstance(W_hat, tuple): HR = W_hat[0].double() @ (W_hat[1].double() @ Rt)
+        else: HR = W_hat.detach().double().reshape(W2.shape) @ Rt
+        num, den = (WR - HR).pow(2).sum(), WR.pow(2).sum()
+        return float(num.sqrt() / den.clamp_min(1e-300).sqrt())
     g = 1 if sigma.dim() == 2 else sigma.shape[0]
     S = sigma.to(W.device, torch.float64).reshape(g, *sigma.shape[-2:])
     W2 = W.detach().double().reshape(g, W.shape[0] // g, -1)
     E = W2 - W_hat.detach().to(W.device, torch.float64).reshape(W2.shape)
     num, den = ((E @ S) * E).sum(), ((W2 @ S) * W2).sum()
     return float(num.clamp_min(0).sqrt() / den.clamp_min(1e-300).sqrt())
+
+def lowrank_weight_error(W, A, B, rows: int = 256) -> float:
+    "‖W − AB‖_F / ‖W‖_F in float64, `rows` rows at a time (no m×n float64 copies of the weight)."
+    num = den = 0.
+    for i in range(0, W.shape[0], rows):
+        Wc = W[i:i + rows].double()
+        num += float((Wc - A[i:i + rows].double() @ B.double()).pow(2).sum()); den += float(Wc.pow(2).sum())
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 def predicted_error(s, r: int):
     """Relative output error predicted by whitened singular values `s` (or a list, one per group) at
