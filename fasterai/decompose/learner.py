@@ -157,7 +157,9 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
     given = _as_list(kwargs.get('layers'))
     keep = [n for n, k in zip(end_layers(model), (keep_first, keep_last)) if k and n is not None and n not in given]
     if keep: kwargs['exclude'] = _as_list(kwargs.get('exclude')) + keep
-    kept = _kept_rows(model, keep)
+    # rows for the ends kept dense that the decomposers would otherwise have taken
+    kinds = (CONV_KINDS if conv else ()) + ((nn.Linear,) if fc else ())
+    kept = _kept_rows(model, [n for n in keep if isinstance(model.get_submodule(n), kinds)])
     if budget is not None:
         d = Budget_Decomposer()
         bar = _LayerBar(self, progress, len(budget_candidates(model, conv, fc, kwargs.get('layers'),
