@@ -199,7 +199,9 @@ def test_linear_batchnorm_fold_without_sample_warns():
 def test_budget_on_an_already_decomposed_model_says_so():
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     once = decompose(m, budget=0.5, compact=True, verbose=False)
-    with pytest.raises(ValueError, match='already decomposed'): decompose(once, budget=0.5, verbose=False)
+    with pytest.warns(UserWarning, match='nothing more to cut'): again = decompose(once, budget=0.5, verbose=False)
+    assert n_params(again) == n_params(once)                                   # a share of the dense model: met already
+    with pytest.raises(ValueError, match='already decomposed'): decompose(once, budget=0.5, budget_of='model', verbose=False)
 
 
 def test_inplace_decompose_is_atomic_across_the_conv_and_linear_passes(monkeypatch):

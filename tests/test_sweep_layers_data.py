@@ -241,7 +241,7 @@ def test_plot_report_reads_gpt2_conv1d_rows():
     g = tiny_gpt2()
     decompose(g, 0.7, data=[{'input_ids': torch.randint(0, 100, (2, 16))}], verbose=False)
     fig = plot_report(decompose.report, g)
-    assert len(fig.axes) == 2 and len(fig.axes[1].lines) >= 2                # spectra drawn for the Conv1D rows
+    assert len(fig.axes) == 3 and len(fig.axes[-1].lines) >= 2               # params, MACs, spectra drawn for the Conv1D rows
 
 
 def test_budget_only_picks_blocks_the_decomposer_takes():
