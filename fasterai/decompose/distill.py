@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .blocks import LowRankBlock, LowRankLinear, n_params
-from .batches import iter_batches, run_model, model_device, token_mask, eval_mode
+from .batches import iter_batches, run_model, model_device, token_mask, eval_mode, _is_fastai_dls
 from .core import check_names
 from fastcore.basics import patch
 from fastai.learner import Learner
@@ -205,7 +205,7 @@ class DistillLoss:
 # %% ../../nbs/19_distill.ipynb #c015
 def _n_steps(data, n_batches, epochs, max_steps):
     "The number of optimizer steps, when the data has a length (for the learning-rate schedule)."
-    src = data.train if hasattr(data, 'train') and hasattr(data, 'valid') else data
+    src = data.train if _is_fastai_dls(data) else data
     try: n = len(src) if not isinstance(src, torch.Tensor) else None
     except TypeError: n = None
     if n is None: return max_steps
@@ -342,7 +342,7 @@ class Staged_Decomposer:
             student = bd.decompose(merged, budget=min(1.0, target * dense / n_params(merged)), **dk)
             reports.append(bd.report.assign(stage=i))
             c0, t0, hist = time.process_time(), time.perf_counter(), []
-            student = distill(student, teacher, data, **{'history': hist, **sk, 'inplace': True})
+            student = distill(student, teacher, data, **{**sk, 'history': hist, 'inplace': True})
             rows.append(dict(stage=i, target=target, params=n_params(student), kept=n_params(student) / dense,
                              decomposed=int((bd.report.status == 'decomposed').sum()), steps=len(hist),
                              distill_cpu_s=time.process_time() - c0, distill_s=time.perf_counter() - t0,
