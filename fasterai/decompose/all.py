@@ -8,7 +8,8 @@ Docs: https://fasterai.github.io/fasterai/all.html.md"""
 __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear', 'CompactLinear', 'METHODS',
            'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs',
            'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback',
-           'plot_report', 'load_decomposed', 'output_grams', 'collect_stats', 'whitened_lowrank']
+           'plot_report', 'load_decomposed', 'output_grams', 'collect_stats', 'whitened_lowrank', 'distill',
+           'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -26,10 +27,12 @@ from .report import plot_report
 from .whiten import whitened_lowrank
 from .stats import collect_stats
 from .sensitivity import output_grams
+from .distill import distill, DistillLoss, DistillCallback, Staged_Decomposer, merge_blocks
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear',
          'CompactLinear', 'METHODS',
          'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params',
          'block_macs', 'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder',
          'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
-         'output_grams', 'collect_stats', 'whitened_lowrank']
+         'output_grams', 'collect_stats', 'whitened_lowrank',
+         'distill', 'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks']
