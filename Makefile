@@ -20,7 +20,7 @@ demo: $(STAMP)
 # make test: exported modules must match the notebooks, then the notebooks and pytest (see nbtest below).
 test: $(STAMP)
 	$(MAKE) --no-print-directory check-export
-	$(MAKE) --no-print-directory -j2 -Otarget nbtest-rest long-then-pytest
+	$(MAKE) --no-print-directory -j3 -Otarget nbtest-rest nbtest-long pytest
 
 # make test-threads: the notebooks under each of THREADS with each of SEEDS, and pytest under each of THREADS.
 # Run it before resolving anything that touches a trained or measured outcome (README, "For contributors").
@@ -40,11 +40,12 @@ check-export: $(STAMP)
 	  git status --porcelain -- fasterai README.md; git --no-pager diff --stat -- fasterai README.md; exit 1; fi
 	@echo "export check: fasterai/ matches nbs/"
 
-# The longest notebook (the MiniLM tutorial, ~3.5 min) would start last in nbdev-test's sorted order and finish
-# alone. So it runs from the start beside the others (two lanes, -j2), and in `make test` pytest follows it in its
-# lane; -Otarget prints each lane's output whole when it is done. Every lane must pass.
+# The longest notebook (the MiniLM tutorial, ~5 min on one thread) would start last in nbdev-test's sorted order and
+# finish alone. So it runs from the start beside the other notebooks, and `make test` runs pytest beside both
+# (-j3; every notebook and test runs on one thread, so three lanes share the two cores without spinning).
+# -Otarget prints each lane's output whole when it is done. Every lane must pass.
 LONG_NB := nbs/tutorials/minilm.ipynb
-.PHONY: nbtest-rest nbtest-long long-then-pytest
+.PHONY: nbtest-rest nbtest-long
 nbtest: $(STAMP)
 	$(MAKE) --no-print-directory -j2 -Otarget nbtest-rest nbtest-long
 
@@ -54,7 +55,7 @@ nbtest-rest: $(STAMP)
 nbtest-long: $(STAMP)
 	$(VENV)/bin/nbdev-test $(LONG_NB) --timing
 
-long-then-pytest: $(STAMP)
+pytest: $(STAMP)
 	$(MAKE) --no-print-directory nbtest-long
 	$(MAKE) --no-print-directory pytest
 

@@ -164,30 +164,12 @@ def run_minilm():
     save()
 
 # ---------------------------------------------------------------- digits
-def _block(ni, nf): return [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
-
-def digits_cnn(w=32):
-    "bench_digits.py's CNN (273k params), trained the same way and cached in the same file."
-    return nn.Sequential(*_block(1, w), *_block(w, w), nn.MaxPool2d(2), *_block(w, 2 * w), *_block(2 * w, 2 * w), nn.MaxPool2d(2),
-                         *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * w, 256), nn.ReLU(inplace=True), nn.Linear(256, 10))
-
 def digits_cnn_trained():
-    from fasterai.data.digits import digits_arrays
+    "bench_digits.py's CNN (273k params), trained the same way and cached in the same file (bench/_digits.py)."
+    from _digits import digits_tensors, trained_cnn
     torch.manual_seed(0)
-    xt, yt, xv, yv = digits_arrays(size=32, seed=0)
-    cache = Path(__file__).parent / '_cache'; cache.mkdir(exist_ok=True); f = cache / 'digits_cnn.pt'
-    model = digits_cnn()
-    if f.exists(): model.load_state_dict(torch.load(f)); return xt, yt, xv, yv, model.eval()
-    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=1e-4)
-    n = len(xt); steps = 6 * (n // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, n, (64,))
-        loss = F.cross_entropy(model(xt[idx]), yt[idx])
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-    torch.save(model.state_dict(), f)
-    return xt, yt, xv, yv, model.eval()
+    xt, yt, xv, yv = digits_tensors()
+    return xt, yt, xv, yv, trained_cnn(xt, yt)
 
 def run_digits(data_aware=True):
     xt, yt, xv, yv, dense = digits_cnn_trained()
