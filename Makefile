@@ -56,10 +56,6 @@ nbtest-long: $(STAMP)
 	$(VENV)/bin/nbdev-test $(LONG_NB) --timing
 
 pytest: $(STAMP)
-	$(MAKE) --no-print-directory nbtest-long
-	$(MAKE) --no-print-directory pytest
-
-pytest: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: $(STAMP)
