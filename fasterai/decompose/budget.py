@@ -78,15 +78,12 @@ class LayerPlan:
         return self.macs(ranks)
 
     def macs(self, ranks):
-        "MACs of the layer (`ranks=None`) or of its block at `ranks`, over every call."
-        lin = isinstance(self.layer, nn.Linear)
+        "MACs of the layer (`ranks=None`) or of its block at `ranks`, over every call (`run_macs`)."
         m = self.layer if ranks is None else self.block(ranks)
-        if self.calls: return forward_macs(self.layer, m, self.calls, self.batch)
-        if lin:
-            per_position = m.weight.numel() if ranks is None else sum(l.weight.numel() for l in m)   # bias-free MACs
-            return per_position * linear_positions(self.in_shape)
-        size = tuple(self.in_shape[2:]) if self.in_shape else nominal_size(self.layer)
-        return block_macs(m, size)
+        if self.calls: return run_macs(self.layer, m, self.calls, self.batch)
+        # a conv never reached by the sample input: its nominal size
+        if self.in_shape is None and not isinstance(self.layer, nn.Linear): return block_macs(m, nominal_size(self.layer))
+        return run_macs(self.layer, m, [self.in_shape])
 
     def unit_costs(self):
         "What one more rank costs in each slot, at half the full ranks."
@@ -426,9 +423,7 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
                     ignore_index=True).astype({'reason': object, 'status': object, 'method': object})
     # one missing-value marker, also when no frame had one
     rep['method'] = rep.method.where(rep.method.notna(), float('nan'))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    def in_order(names): return names.map(lambda n: order.get(n, len(order)))
-    rep = rep.drop_duplicates('name').sort_values('name', key=in_order, kind='stable')
+    rep = in_model_order(rep.drop_duplicates('name'), model)
     return rep.reindex(columns=REPORT_COLUMNS).reset_index(drop=True)
 
 # %% ../../nbs/12_budget.ipynb #c012

@@ -23,7 +23,8 @@ from .distributed import collective, rank0_decides, agree, is_rank0, to_device_o
 # %% auto #0
 __all__ = ['SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd', 'check_names', 'layer_input',
            'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup', 'other_runnable', 'machine_busy',
-           'calm_threads', 'tidy_report', 'damage_note', 'warn_damage', 'Decomposer', 'check_rank_args']
+           'calm_threads', 'tidy_report', 'in_model_order', 'damage_note', 'warn_damage', 'Decomposer',
+           'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
@@ -180,6 +181,11 @@ def tidy_report(report: pd.DataFrame) -> pd.DataFrame:
     "`report` without the timing columns when nothing was timed (they would be NaN on every row)."
     empty = [c for c in TIMING_COLUMNS if c in report and report[c].isna().all()]
     return report.drop(columns=empty) if empty else report
+
+def in_model_order(report: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
+    "`report`'s rows in `model`'s module order (names not in `model` last), stable."
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    return report.sort_values('name', key=lambda s: s.map(lambda n: order.get(n, len(order))), kind='stable')
 
 # a predicted relative output error above this: the layer's output is mostly lost (see `damage_note`)
 DAMAGE_ERROR = 0.5

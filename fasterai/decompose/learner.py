@@ -21,7 +21,7 @@ from fastcore.basics import noop
 import numpy as np
 from .blocks import LowRankBlock, CONV_KINDS, n_params
 from .batches import under, iter_batches
-from .core import check_names, REPORT_COLUMNS, tidy_report
+from .core import check_names, REPORT_COLUMNS, tidy_report, in_model_order
 from .ranks import check_range
 from .conv import Conv_Decomposer
 from .fc import FC_Decomposer
@@ -217,11 +217,6 @@ def peak_lr(learn) -> float | None:
     lrs = getattr(rec, 'hps', {}).get('lr') or getattr(rec, 'lrs', None)
     return float(max(lrs)) if lrs else None
 
-def _in_order(report: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
-    "`report`'s rows in `model`'s module order."
-    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    return report.sort_values('name', key=lambda s: s.map(lambda n: order.get(n, len(order))), kind='stable')
-
 @patch
 def _install_decomposed(self: Learner, model, reports):
     """Put `model` on the Learner (on its device, in a new `DistributedDataParallel` wrapper when the
@@ -235,7 +230,7 @@ def _install_decomposed(self: Learner, model, reports):
     self.create_opt()
     full = [r for r in reports if len(r)]
     rep = pd.concat(full, ignore_index=True) if full else reports[0]
-    rep = _in_order(rep.reindex(columns=[c for c in REPORT_COLUMNS if c in rep]), dense)
+    rep = in_model_order(rep.reindex(columns=[c for c in REPORT_COLUMNS if c in rep]), dense)
     rep = tidy_report(rep.reset_index(drop=True))
     # what `plot_report` draws once the dense model is gone: the weight spectra of the largest layers
     rep.attrs['spectra'] = report_spectra(rep, dense) if (rep.status == 'decomposed').any() else []
