@@ -1,15 +1,20 @@
-"""Speed bought per MAC removed: the default Tucker cut against budget_on='latency', end to end.
+"""Speed bought per MAC removed: the default Tucker cut, budget_on='latency', and method='auto', end to end.
 
-Run from the repository root:  .venv/bin/python bench/bench_latency_budget.py [--models resnet18 resnet50 vgg16_bn mobilenet_v2]
-                               [--batches 1] [--runtimes eager] [--budget 0.5] [--threads 2]
+Run from the repository root:
+    .venv/bin/python bench/bench_latency_budget.py [--models resnet18 resnet50 ...] [--batches 1 8]
+                                                   [--runtimes eager onnxruntime] [--configs a b c] [--budget 0.5]
 
-For each torchvision model (weights=None, eval, 3×224×224) and batch size: (a) `Conv_Decomposer().decompose(model,
-method='tucker', percent_removed=0.5)`, the default call; (b) `decompose(model, budget=B, budget_on='latency',
-method='tucker', fc=False, input_shape=..., runtime=R)`. Dense and decomposed are timed in one process, interleaved
-(`fasterai.decompose.latency.model_ms`: fastest of rounds, repeated until stable), in the runtime R. Reported: the MAC
-ratio (dense / decomposed, torch's FLOP counter via `fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms) and the share
-of the MAC ratio reached (speed ratio / MAC ratio); for (b) also the target and the measured share of dense latency.
-Writes bench/results/latency_budget.json.
+For each torchvision model (weights=None, eval, 3×224×224), batch size and runtime:
+  (a) `Conv_Decomposer().decompose(model, method='tucker', percent_removed=0.5, input_shape=...)`: the default call
+      (its default `min_speedup='auto'` times each block in eager mode at this shape and leaves slower ones dense);
+  (b) `decompose(model, budget=B, budget_on='latency', method='tucker', input_shape=..., runtime=R)`;
+  (c) the same with `method='auto'` (Tucker-2, channel SVD or dense per layer).
+Dense and decomposed models are timed in one process, interleaved (`fasterai.decompose.latency.model_ms`: fastest of
+rounds, repeated until stable), in runtime R. Reported: the MAC ratio (dense / decomposed, torch's FLOP counter via
+`fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms), the share of the MAC ratio reached (speed
+ratio / MAC ratio), the decomposition's wall time, and for (b) and (c) the measured share of the dense latency
+against the target. One latency table per runtime is shared by every call (as a user passing `latency_table=` would).
+Rows are appended to the output JSON as they come (`--out`, default bench/results/latency_budget.json).
 """
 from __future__ import annotations
 import argparse, json, sys, time, warnings
@@ -18,47 +23,64 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
 import _env
 
+MODELS = ['resnet18', 'resnet50', 'vgg16_bn', 'mobilenet_v2', 'mobilenet_v3_large', 'efficientnet_b0', 'convnext_tiny',
+          'regnet_y_400mf']
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument('--models', nargs='+', default=['resnet18', 'resnet50', 'vgg16_bn', 'mobilenet_v2'])
-p.add_argument('--batches', type=int, nargs='+', default=[1])
-p.add_argument('--runtimes', nargs='+', default=['eager'])
+p.add_argument('--models', nargs='+', default=MODELS)
+p.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+p.add_argument('--runtimes', nargs='+', default=['eager', 'onnxruntime'])
+p.add_argument('--configs', nargs='+', default=['a', 'b', 'c'])
 p.add_argument('--budget', type=float, default=0.5)
 p.add_argument('--threads', type=int, default=2)
 p.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'latency_budget.json'))
+p.add_argument('--append', action='store_true', help='add rows to the rows already in --out')
 ARGS = p.parse_args()
 
 import torch, torchvision
-from torch import nn
 torch.set_num_threads(ARGS.threads)
 warnings.simplefilter('ignore')
 from fasterai.decompose.all import *
 from fasterai.decompose.latency import model_ms
 from fasterai.demo import model_macs
 
-def macs(model, x): return model_macs(model, tuple(x.shape))
+out = Path(ARGS.out)
+old = json.loads(out.read_text()).get('rows', []) if ARGS.append and out.exists() else []
+doc = dict(env=_env.env_info(torchvision=torchvision.__version__), args=vars(ARGS), rows=old)
+tables = {rt: LatencyTable(rt) for rt in ARGS.runtimes}
 
-rows = []
+def save(): out.write_text(json.dumps(doc, indent=1))
+
 for name in ARGS.models:
     dense = getattr(torchvision.models, name)().eval()
     for bs in ARGS.batches:
         x = torch.randn(bs, 3, 224, 224)
-        for rt in ARGS.runtimes:
+        md = model_macs(dense, tuple(x.shape))
+        a = ta = None
+        if 'a' in ARGS.configs:                      # runtime-independent: made once per batch
             t = time.time()
-            a = Conv_Decomposer().decompose(dense, method='tucker', percent_removed=0.5, verbose=False)
+            a = Conv_Decomposer().decompose(dense, method='tucker', percent_removed=0.5, input_shape=tuple(x.shape),
+                                            verbose=False)
             ta = time.time() - t
-            d = Budget_Decomposer(); t = time.time()
-            b = d.decompose(dense, budget=ARGS.budget, budget_on='latency', method='tucker', fc=False,
-                            input_shape=tuple(x.shape), runtime=rt, verbose=False)
-            tb = time.time() - t
-            ms_d, ms_a, ms_b = model_ms([dense, a, b], x, rt, min_time=0.5)
-            md, ma, mb = macs(dense, x), macs(a, x), macs(b, x)
-            for cfg, ms, mc, secs in [('(a) tucker 0.5', ms_a, ma, ta), (f'(b) latency budget {ARGS.budget}', ms_b, mb, tb)]:
-                r = dict(model=name, batch=bs, runtime=rt, config=cfg, dense_ms=ms_d, ms=ms, mac_ratio=md / mc,
-                         speed_ratio=ms_d / ms, share_of_mac_ratio=(ms_d / ms) / (md / mc), decompose_s=secs)
-                if cfg.startswith('(b)'): r.update(target_share=ARGS.budget, measured_share_in_call=d.latency['measured_share'],
-                                                   measured_share=ms / ms_d)
-                rows.append(r)
-                print(f"{name:14s} b{bs} {rt:11s} {cfg:24s} MACs ÷{md / mc:.2f}  speed ×{ms_d / ms:.2f}  "
-                      f"share {100 * (ms_d / ms) / (md / mc):.0f}%  ({ms_d:.1f} → {ms:.1f} ms; decompose {secs:.0f} s)", flush=True)
-
-Path(ARGS.out).write_text(json.dumps(dict(env=_env.env_info(torchvision=torchvision.__version__), args=vars(ARGS), rows=rows), indent=1))
+        for rt in ARGS.runtimes:
+            models = {'(a) tucker 0.5 (default)': (a, ta, None)} if a is not None else {}
+            for c, meth in (('b', 'tucker'), ('c', 'auto')):
+                if c not in ARGS.configs: continue
+                d, t = Budget_Decomposer(), time.time()
+                m = d.decompose(dense, budget=ARGS.budget, budget_on='latency', method=meth, input_shape=tuple(x.shape),
+                                runtime=rt, latency_table=tables[rt], verbose=False)
+                models[f'({c}) latency {ARGS.budget}, {meth}'] = (m, time.time() - t, d)
+            times = model_ms([dense] + [v[0] for v in models.values()], x, rt, min_time=0.5)
+            for (cfg, (m, secs, d)), ms in zip(models.items(), times[1:]):
+                mc = model_macs(m, tuple(x.shape))
+                r = dict(model=name, batch=bs, runtime=rt, config=cfg, dense_ms=times[0], ms=ms, mac_ratio=md / mc,
+                         speed_ratio=times[0] / ms, share_of_mac_ratio=(times[0] / ms) / (md / mc), decompose_s=secs)
+                if d is not None:
+                    r.update(target_share=ARGS.budget, measured_share=ms / times[0],
+                             measured_share_in_call=d.latency['measured_share'], calibration=d.calibration,
+                             decomposed=int((d.report.status == 'decomposed').sum()))
+                doc['rows'].append(r); save()
+                tgt = f"  latency {100 * ms / times[0]:.0f}% (target {100 * ARGS.budget:.0f}%)" if d is not None else ''
+                print(f"{name:18s} b{bs} {rt:11s} {cfg:28s} MACs ÷{md / mc:.2f}  speed ×{times[0] / ms:.2f}  "
+                      f"share {100 * (times[0] / ms) / (md / mc):.0f}%{tgt}  ({times[0]:.1f} → {ms:.1f} ms; "
+                      f"decompose {secs:.0f} s)", flush=True)
+save()

@@ -82,9 +82,10 @@ def report_table(rep) -> str:
     return r.to_string(index=False)
 
 def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float | None = None, seed: int = 0,
-         threads: int | None = 1):
-    """Train the digits CNN with fastai, `learn.decompose()` it, fine-tune one epoch with
-    `learn.fine_tune_decomposed(lr=ft_lr)` (default: the training peak LR ÷ 10); print before/after."""
+         threads: int | None = 1, budget: float = 0.8, batch: int = 64):
+    """Train the digits CNN with fastai, decompose it to `budget` of its measured latency at batch `batch`
+    (`learn.decompose(budget=, budget_on='latency')`), fine-tune one epoch with `learn.fine_tune_decomposed(lr=ft_lr)`
+    (default: the training peak LR ÷ 10); print before/after."""
     from fastai.learner import Learner
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
@@ -102,9 +103,14 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float | None = None, seed: in
     print(f'dense: validation accuracy {dense["accuracy"]:.4f}, {dense["params"]:,} params\n')
     t0 = time.perf_counter()
     # works on a copy: `dense_model` stays dense
-    with learn.no_bar(): rep = learn.decompose()
-    print(f'learn.decompose() took {time.perf_counter() - t0:.1f} s:\n{report_table(rep)}\n')
-    decomposed = measure(learn)
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')                       # the measurement is printed below
+        rep = learn.decompose(budget=budget, budget_on='latency', input_shape=(batch, 1, 32, 32))
+    lat = rep.attrs['latency']
+    print(f"learn.decompose(budget={budget}, budget_on='latency') took {time.perf_counter() - t0:.1f} s:\n"
+          f'{report_table(rep)}\n{lat["runtime"]} latency at batch {batch}: dense {lat["dense_ms"]:.2f} ms, target '
+          f'{lat["target_ms"]:.2f} ms ({budget:.0%}), measured {lat["measured_ms"]:.2f} ms ({lat["measured_share"]:.1%})\n')
+    decomposed = dict(measure(learn), latency=lat)
     dec_model = copy.deepcopy(learn.model)                    # as it was before fine-tuning
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
@@ -125,7 +131,7 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float | None = None, seed: in
 
 # %% ../nbs/16_demo.ipynb #c012
 def cli(argv=None):
-    """`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T]`: run
+    """`python -m fasterai.demo [--epochs N] [--lr LR] [--ft-lr LR] [--seed S] [--threads T] [--budget B] [--batch N]`: run
     `main`."""
     import argparse, inspect
     d = {k: v.default for k, v in inspect.signature(main).parameters.items()}
@@ -138,9 +144,12 @@ def cli(argv=None):
     p.add_argument('--seed', type=int, default=d['seed'])
     p.add_argument('--threads', type=int, default=d['threads'],
                    help='torch CPU threads (0: leave as is)')
+    p.add_argument('--budget', type=float, default=d['budget'], help='share of the dense latency to keep')
+    p.add_argument('--batch', type=int, default=d['batch'], help='batch size the latency budget is measured at')
     a = p.parse_args(argv)
     if a.epochs < 1: p.error('--epochs must be >= 1')
-    return main(a.epochs, a.lr, a.ft_lr, a.seed, a.threads or None)
+    if not 0 < a.budget < 1: p.error('--budget must be in (0, 1)')
+    return main(a.epochs, a.lr, a.ft_lr, a.seed, a.threads or None, a.budget, a.batch)
 
 # %% ../nbs/16_demo.ipynb #c014
 from fastcore.imports import IN_NOTEBOOK

@@ -131,3 +131,47 @@ def test_budget_passes_min_speedup_and_says_what_it_cost(monkeypatch):
     assert rep[rep.type == 'Conv2d'].reason.str.startswith('block not faster').any()
     assert not any(isinstance(x, LowRankConv) for x in out.modules())
     assert torch.isfinite(out(torch.randn(1, 3, 16, 16))).all()
+
+
+@pytest.mark.never_slower
+def test_default_is_never_slower_when_the_shape_is_known(monkeypatch):
+    "min_speedup='auto' (the default): with input_shape= or data= a slower block is left dense, as with 1.0."
+    m = cnn()
+    timer = fake_timer(lambda a, b: (1.0, 2.0))                       # every block slower
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
+    d = Conv_Decomposer()
+    out = d.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), verbose=False)
+    assert not any(isinstance(x, LowRankBlock) for x in out.modules())
+    assert d.report.reason.str.contains('min_speedup=1.0').sum() >= 2
+    f = FC_Decomposer()
+    out = f.decompose(m, percent_removed=0.75, data=[torch.randn(4, 3, 16, 16)], verbose=False)
+    assert f.report.reason.str.startswith('block not faster').sum() >= 1 and not any(isinstance(x, LowRankBlock) for x in out.modules())
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(fake_timer(lambda a, b: (2.0, 1.0))))   # every block faster
+    d = Conv_Decomposer()
+    out = d.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), verbose=False)
+    assert (d.report.status == 'decomposed').sum() >= 2
+
+
+@pytest.mark.never_slower
+def test_default_without_a_shape_says_speed_was_not_checked(monkeypatch):
+    m = cnn()
+    timer = fake_timer(lambda a, b: (1.0, 2.0))
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
+    with pytest.warns(UserWarning, match='speed was not checked') as w:
+        out = Conv_Decomposer().decompose(m, method='svd', percent_removed=0.75, verbose=False)
+    assert sum('speed was not checked' in str(x.message) for x in w) == 1     # said once per call
+    assert not timer.seen and any(isinstance(x, LowRankBlock) for x in out.modules())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                      # min_speedup=None: nothing to say
+        Conv_Decomposer().decompose(m, method='svd', percent_removed=0.75, min_speedup=None, verbose=False)
+
+
+def test_never_slower_off_times_nothing(monkeypatch):
+    "With core.NEVER_SLOWER = False (as in this suite), 'auto' times nothing, and says nothing."
+    m = cnn()
+    timer = fake_timer(lambda a, b: (1.0, 2.0))
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
+    d = Conv_Decomposer()
+    out = d.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), verbose=False)
+    assert not timer.seen and (d.report.status == 'decomposed').sum() >= 2

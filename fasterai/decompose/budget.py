@@ -6,7 +6,7 @@ Docs: https://fasterai.github.io/fasterai/budget.html.md"""
 
 # %% ../../nbs/12_budget.ipynb #c003
 from __future__ import annotations
-import functools, inspect, math, warnings
+import copy, functools, inspect, math, warnings
 from functools import partial
 from pathlib import Path
 import torch
@@ -27,11 +27,11 @@ from .latency import *
 from .distributed import on_rank0
 
 # %% auto #0
-__all__ = ['NS_PER_MS', 'BUDGET_ON', 'BUDGET_OF', 'decompose', 'LayerPlan', 'allocate', 'dense_macs', 'plan_layers',
-           'check_budget_args', 'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note',
-           'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
-           'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'latency_timer', 'latency_rows',
-           'Budget_Decomposer']
+__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'decompose', 'LayerPlan',
+           'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args', 'check_budget_of', 'dense_like',
+           'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates', 'probe_shapes', 'layer_sensitivities',
+           'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers', 'finish_budget', 'timing_input',
+           'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer', 'latency_rows', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
@@ -39,9 +39,10 @@ NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation'
 class LayerPlan:
     "One eligible layer: its spectra per rank slot, and the cost of any ranks."
     def __init__(self, name, layer, method, spectra, full, in_shape, on, compact=False, calls=None,
-                 batch=None, timer=None):
+                 batch=None, timer=None, multiple: int = 1):
         store_attr('name,layer,method,spectra,full,in_shape,on')
         self.compact, self._blocks, self.batch = compact, {}, batch
+        self.multiple = multiple          # ranks from `multiple` up are kept on its multiples (`round_rank`)
         # input shapes of a layer run several times, or on N rows per sample
         self.calls = calls if counts_rows(calls, batch) else None
         self.energy = [s.pow(2) / s.pow(2).sum().clamp_min(1e-30) for s in spectra]
@@ -52,6 +53,16 @@ class LayerPlan:
     def weigh(self, w: float):
         "Use absolute energies × `w` (the layer's output sensitivity) instead of energy shares."
         self.energy = [s.pow(2) * w for s in self.spectra]
+
+    def scale_energy(self, c: float): self.energy = [e * c for e in self.energy]
+    def total_energy(self) -> float: return sum(float(e.sum()) for e in self.energy)
+
+    def runnable(self, ranks) -> nn.Module:
+        """A block at `ranks` with untrained weights, on the layer's device and dtype: what a plan's
+        time is measured on (only its shapes matter)."""
+        w = self.layer.weight
+        make = partial(linear_layers, compact=self.compact) if isinstance(self.layer, nn.Linear) else METHOD_LAYERS[self.method]
+        return make(self.layer, *ranks, device=w.device).to(w.dtype).eval()
 
     def block(self, ranks):
         """The block skeleton (on 'meta') at `ranks`; kept, since the allocation asks for the cost
@@ -70,6 +81,17 @@ class LayerPlan:
         if isinstance(self.layer, nn.Linear): return True
         size = tuple(self.in_shape[2:]) if self.in_shape else nominal_size(self.layer)
         return block_macs(b, size) < layer_macs(self.layer, size)
+
+    def ms(self, ranks=None) -> float:
+        "Predicted milliseconds of the layer (`ranks=None`) or of its block at `ranks` (`on='latency'`)."
+        return self.latency.dense_ms if ranks is None else self.latency.ms(ranks)
+
+    def time_inside(self, ms: float):
+        "Scale the layer's latency to `ms`, its time measured inside the model."
+        if self.latency.alone_ms > 0: self.latency.scale = ms / self.latency.alone_ms
+        self.dense = self.cost(None)
+
+    def method_ranks(self, ranks) -> tuple: return self.method, ranks
 
     def cost(self, ranks):
         "Params, MACs or nanoseconds of the layer (`ranks=None`) or of its block at `ranks`."
@@ -93,10 +115,73 @@ class LayerPlan:
 
     def ranks_at(self, lam, units, total):
         """Ranks kept at threshold `lam`: components whose energy share beats `lam` × their cost
-        share."""
-        return tuple(clamp_rank(int((e >= lam * u / total).sum()), f) for e, u, f in zip(self.energy, units, self.full))
+        share (on multiples of `multiple`, rounded down)."""
+        return tuple(round_rank(clamp_rank(int((e >= lam * u / total).sum()), f), f, self.multiple)
+                     for e, u, f in zip(self.energy, units, self.full))
 
-# %% ../../nbs/12_budget.ipynb #c006
+    def choose(self, lam, units, total):
+        "The ranks at threshold `lam`, or None (dense) when their block would not be cheaper than the layer."
+        r = self.ranks_at(lam, units, total)
+        return r if self.cost(r) < self.dense and self.shrinks(r) else None
+
+    def lost(self, ranks) -> float:
+        "The energy the components left out by `ranks` carry, over every slot (an error measure)."
+        return sum(float(e[r:].sum()) for e, r in zip(self.energy, ranks))
+
+    def grow(self, ranks) -> list:
+        "Each next-larger choice than `ranks`, one slot at a time (next rank on the multiple): (ranks, energy gained)."
+        out = []
+        for i, (ri, f) in enumerate(zip(ranks, self.full)):
+            n = next_rank(ri, f, self.multiple)
+            if n is None or ri >= len(self.energy[i]): continue
+            out.append((ranks[:i] + (n,) + ranks[i + 1:], float(self.energy[i][ri:n].sum())))
+        return out
+
+# %% ../../nbs/12_budget.ipynb #c007
+AUTO_METHODS = ('tucker', 'svd')
+
+class AutoPlan:
+    "One conv layer with a `LayerPlan` per method: the allocation picks the method and ranks (or dense) at each threshold."
+    method = 'auto'
+    def __init__(self, plans):
+        self.plans = {p.method: p for p in plans}
+        p = plans[0]
+        self.name, self.layer, self.in_shape, self.on, self.dense = p.name, p.layer, p.in_shape, p.on, p.dense
+
+    def _p(self, c): return self.plans[c[0]]
+    @property
+    def energy(self): return [e for p in self.plans.values() for e in p.energy]
+    def weigh(self, w):
+        for p in self.plans.values(): p.weigh(w)
+    def scale_energy(self, c):
+        for p in self.plans.values(): p.scale_energy(c)
+    def total_energy(self): return next(iter(self.plans.values())).total_energy()
+    def unit_costs(self): return {m: p.unit_costs() for m, p in self.plans.items()}
+    def cost(self, c): return self.dense if c is None else self._p(c).cost(c[1])
+    def macs(self, c): return next(iter(self.plans.values())).macs(None) if c is None else self._p(c).macs(c[1])
+    def shrinks(self, c): return self._p(c).shrinks(c[1])
+    def lost(self, c): return self._p(c).lost(c[1])
+    def runnable(self, c): return self._p(c).runnable(c[1])
+    def method_ranks(self, c): return c
+    def grow(self, c): return [((c[0], r), g) for r, g in self._p(c).grow(c[1])]
+    def ms(self, c=None): return next(iter(self.plans.values())).ms() if c is None else self._p(c).ms(c[1])
+    @property
+    def latency(self): return next(iter(self.plans.values())).latency
+    def time_inside(self, ms):
+        for p in self.plans.values(): p.time_inside(ms)
+        self.dense = self.cost(None)
+
+    def choose(self, lam, units, total):
+        "The (method, ranks) of least lost energy + `lam` × cost share at threshold `lam`, or None (dense)."
+        best, pick = lam * self.dense / total, None
+        for m, p in self.plans.items():
+            r = p.choose(lam, units[m], total)
+            if r is None: continue
+            v = p.lost(r) + lam * p.cost(r) / total
+            if v < best: best, pick = v, (m, r)
+        return pick
+
+# %% ../../nbs/12_budget.ipynb #c008
 def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     """Bisect one threshold so that `fixed` + the plans' costs lands on `target`; returns {name:
     ranks or None (dense)}."""
@@ -105,13 +190,11 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     def at(lam):
         out, cost = {}, fixed
         for p in plans:
-            r = p.ranks_at(lam, units[p.name], total)
-            c = p.cost(r)
-            if c < p.dense and p.shrinks(r): out[p.name], cost = r, cost + c
-            else: out[p.name], cost = None, cost + p.dense
+            r = p.choose(lam, units[p.name], total)
+            out[p.name], cost = r, cost + (p.dense if r is None else p.cost(r))
         return out, cost
     pos = [float(e[e > 0].min()) for p in plans for e in p.energy if (e > 0).any()]
-    umax = max((max(u) for u in units.values()), default=1)
+    umax = max((max(_flat(u)) for u in units.values()), default=1)
     # below every layer's smallest energy
     lo, hi = min(1e-15, 0.5 * min(pos) * total / umax) if pos and min(pos) > 0 else 1e-15, 1.0
     while at(hi)[1] > target and hi < 1e12: hi *= 10
@@ -125,10 +208,12 @@ def allocate(plans, target: float, fixed: float, tol: float = 0.002):
     ranks, cost = _fill(plans, dict(best[0]), best[1], target, tol * total)
     return ranks, cost, total
 
+def _flat(u): return [x for v in u.values() for x in v] if isinstance(u, dict) else u
+
 def _fill(plans, ranks, cost, target, tol, max_steps=500):
     """Spend what one threshold leaves under `target` (its steps can be coarse on a small model):
-    add one rank at a time to the decomposed layer slot with the most energy per unit of cost that
-    still fits, until within `tol` or nothing fits."""
+    add one rank (one multiple) at a time to the decomposed layer slot with the most energy per unit
+    of cost that still fits, until within `tol` or nothing fits."""
     by = {p.name: p for p in plans}
     for _ in range(max_steps):
         if target - cost <= tol: break
@@ -136,18 +221,16 @@ def _fill(plans, ranks, cost, target, tol, max_steps=500):
         for name, r in ranks.items():
             if r is None: continue
             p, now = by[name], by[name].cost(r)
-            for i, (ri, f) in enumerate(zip(r, p.full)):
-                if ri >= f or ri >= len(p.energy[i]): continue
-                nr = tuple(x + (j == i) for j, x in enumerate(r))
+            for nr, gain in p.grow(r):
                 dc = p.cost(nr) - now
                 if 0 < dc <= target - cost and p.shrinks(nr):
-                    v = float(p.energy[i][ri]) / dc
+                    v = gain / dc
                     if best is None or v > best[0]: best = (v, name, nr, dc)
         if best is None: break
         ranks[best[1]], cost = best[2], cost + best[3]
     return ranks, cost
 
-# %% ../../nbs/12_budget.ipynb #c007
+# %% ../../nbs/12_budget.ipynb #c009
 def dense_macs(m, in_shape, calls=None, batch=None):
     """MACs of a Linear or conv (transposed too) run on input shape `in_shape` (per sample), or None
     without a shape for a conv; summed over `calls` (the input shapes of every call) for a layer run
@@ -160,13 +243,17 @@ def _budget_skip(m, base, method, owners, shared) -> str | None:
     "Why the global budget leaves layer `m` (an instance of `base`) dense, or None."
     lin = isinstance(m, nn.Linear)
     why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, method))
+    if why is None and not lin and method == 'auto' and all(method_reason(m, x) for x in AUTO_METHODS):
+        why = method_reason(m, AUTO_METHODS[-1])
     if why is None and not lin and m.groups > 1:
         why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
     return why
 
 def _layer_spectra(name, m, method, spectra_fn=None) -> list:
     "The spectra per rank slot of layer `m`: the whitened ones `spectra_fn` gives, else its weight's."
-    if spectra_fn is not None and spectra_fn(name, m) is not None: return spectra_fn(name, m)
+    got = spectra_fn(name, m) if spectra_fn is not None else None
+    if isinstance(got, dict): got = got.get('svd' if isinstance(m, nn.Linear) else method)
+    if got is not None: return got
     W = m.weight.detach()
     W = W.to(work_dtype(W))
     if isinstance(m, nn.Linear): return [spectrum(W)]
@@ -185,11 +272,12 @@ def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
 
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,
-                calls: dict | None = None, batch: int | None = None, timer=None):
+                calls: dict | None = None, batch: int | None = None, timer=None, multiple: int = 1):
     """A `LayerPlan` per eligible layer (`timer(plan)` gives each its `LayerLatency` when
     `on='latency'`), and the cost of everything else in the model; `skipped` (a
     list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
-    see `call_shapes`) counts the MACs of every call."""
+    see `call_shapes`) counts the MACs of every call. `method='auto'` plans each conv with every
+    method of `AUTO_METHODS` that takes it (an `AutoPlan` when more than one does); `multiple`: see `round_rank`."""
     calls, shapes = calls or {}, shapes or {}
     skipped = [] if skipped is None else skipped
     kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
@@ -199,14 +287,18 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
             if why: skipped.append((name, m, why)); continue
             lin = isinstance(m, nn.Linear)
-            spec = _layer_spectra(name, m, meth, spectra_fn)
-            full = (min(m.weight.shape),) if lin else full_ranks(m, meth)
-            plans.append(LayerPlan(name, m, 'svd' if lin else meth, spec, full, shapes.get(name), on,
-                                   compact=lin and compact, calls=calls.get(name), batch=batch,
-                                   timer=timer))
+            meths = [x for x in AUTO_METHODS if method_reason(m, x) is None] if meth == 'auto' and not lin else [meth]
+            sub = []
+            for mt in meths:
+                spec = _layer_spectra(name, m, mt, spectra_fn)
+                full = (min(m.weight.shape),) if lin else full_ranks(m, mt)
+                sub.append(LayerPlan(name, m, 'svd' if lin else mt, spec, full, shapes.get(name), on,
+                                     compact=lin and compact, calls=calls.get(name), batch=batch,
+                                     timer=timer, multiple=multiple))
+            plans.append(sub[0] if len(sub) == 1 else AutoPlan(sub))
     return plans, _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch)
 
-# %% ../../nbs/12_budget.ipynb #c009
+# %% ../../nbs/12_budget.ipynb #c011
 _RANK_ARGS = ('percent_removed', 'energy_threshold', 'rank', 'ranks', 'calibration')
 BUDGET_ON = ('params', 'macs', 'latency')
 
@@ -218,8 +310,8 @@ def check_budget_args(model, budget, budget_on, method, input_shape, data, n_bat
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in BUDGET_ON:
         raise ValueError(f"budget_on must be one of {BUDGET_ON}, got {budget_on!r}")
-    if method not in ('svd', 'tucker', 'spatial'):
-        raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial') for a global budget, got {method!r}")
+    if method not in ('svd', 'tucker', 'spatial', 'auto'):
+        raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial', 'auto') for a global budget, got {method!r}")
     if budget_on in ('macs', 'latency') and input_shape is None and data is None:
         what = 'to count MACs' if budget_on == 'macs' else 'to time the model at its input'
         raise ValueError(f"budget_on='{budget_on}' needs input_shape=(1, C, H, W) or data= ({what})")
@@ -343,8 +435,8 @@ def weigh_plans(plans, fixed, sens, skipped):
         skipped.append((p.name, p.layer, _DEAD)); fixed += p.dense
     plans = [p for p in plans if sens.get(p.name, 0) > 0]
     for p in plans: p.weigh(sens[p.name])
-    scale = sum(float(e.sum()) for p in plans for e in p.energy) or 1.
-    for p in plans: p.energy = [e / scale for e in p.energy]
+    scale = sum(p.total_energy() for p in plans) or 1.
+    for p in plans: p.scale_energy(1 / scale)
     return plans, fixed
 
 def check_plans(model, plans, skipped):
@@ -369,17 +461,19 @@ def warn_allocation(cost, budget, total, fixed, n_plans, budget_on):
 
 def run_decomposers(model, plans, chosen: dict, method, conv_args: dict, fc_args: dict,
                     after_layer=None):
-    """The model with the `chosen` ranks applied by both decomposers (on a copy), and their reports;
-    `after_layer` is each decomposer's hook (see `Decomposer.run`)."""
+    """The model with the `chosen` ranks applied by both decomposers (on a copy), and their reports
+    (one Conv_Decomposer run per method chosen); `after_layer` is each decomposer's hook (see
+    `Decomposer.run`)."""
     out, reports = model, []
-    conv_names = [p.name for p in plans if not isinstance(p.layer, nn.Linear) and p.name in chosen]
+    convs = {p.name: p.method_ranks(chosen[p.name]) for p in plans
+             if not isinstance(p.layer, nn.Linear) and p.name in chosen}
     fc_names = [p.name for p in plans if isinstance(p.layer, nn.Linear) and p.name in chosen]
-    if conv_names:
+    for meth in dict.fromkeys(m for m, _ in convs.values()):
+        names = [n for n, (m, _) in convs.items() if m == meth]
         d = Conv_Decomposer()
         d.after_layer = after_layer
-        out = d.decompose(out, method=method, layers=conv_names,
-                          ranks={n: chosen[n] for n in conv_names},
-                          inplace=False, verbose=False, **conv_args)
+        out = d.decompose(out, method=meth, layers=names, ranks={n: convs[n][1] for n in names},
+                          inplace=out is not model, verbose=False, **conv_args)
         reports.append(d.report)
     if fc_names:
         d = FC_Decomposer()
@@ -426,7 +520,7 @@ def _budget_report(model, reports, plans, chosen, skipped, shapes, which, layers
     rep = in_model_order(rep.drop_duplicates('name'), model)
     return rep.reindex(columns=REPORT_COLUMNS).reset_index(drop=True)
 
-# %% ../../nbs/12_budget.ipynb #c012
+# %% ../../nbs/12_budget.ipynb #c014
 def timing_input(model: nn.Module, input_shape, data) -> torch.Tensor:
     "The input `model` is timed on: random values of `input_shape`, else the first batch of `data` (one tensor)."
     if input_shape is not None: return layer_input(model, input_shape)
@@ -444,9 +538,28 @@ def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
     if table is not None and Path(table).exists(): return LatencyTable.load(table, runtime, x.device, x.dtype)
     return LatencyTable(runtime, x.device, x.dtype)
 
+CALIBRATE_TOL = 0.03    # a plan measured within 3% of its target (relative) needs no re-planning
+LATENCY_TOL = 0.1       # a result measured further than 10% from its target is warned about
+
+def skeleton(model: nn.Module, plans, ranks: dict) -> nn.Module:
+    """A copy of `model` with every layer that `ranks` (name → ranks or None) cuts replaced by an
+    untrained block of those ranks: the plan's shapes, to time before anything is factored."""
+    by, out = {p.name: p for p in plans}, safe_deepcopy(model)
+    return swap(out, [(out.get_submodule(n), by[n].runnable(r)) for n, r in ranks.items() if r is not None])
+
+def check_rank_multiple(rank_multiple, budget_on: str, device='cpu') -> int:
+    """The multiple ranks are kept on (see `round_rank`): `rank_multiple` if an int >= 1, and for
+    'auto' `kernel_multiple(device)` with `budget_on='latency'`, else 1."""
+    if isinstance(rank_multiple, str) and rank_multiple == 'auto':
+        return kernel_multiple(device) if budget_on == 'latency' else 1
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be 'auto' or an int >= 1, got {rank_multiple!r}")
+    return rank_multiple
+
 class _Untimed:
     "The latency of a layer the sample input never reached: no time to save, so it stays dense."
     alone_ms, dense_ms, scale, points = 0.0, 0.0, 1.0, []
+    def __init__(self): self.multiple = 1
     def ms(self, ranks): return 0.0
 
 def latency_timer(table: LatencyTable, calls: dict):
@@ -456,7 +569,7 @@ def latency_timer(table: LatencyTable, calls: dict):
         w = p.layer.weight
         make = partial(linear_layers, compact=p.compact) if isinstance(p.layer, nn.Linear) else METHOD_LAYERS[p.method]
         def block(r): return make(p.layer, *r, device=w.device).to(w.dtype).eval()
-        return LayerLatency(p.layer, block, p.macs, p.full, calls[p.name], table)
+        return LayerLatency(p.layer, block, p.macs, p.full, calls[p.name], table, multiple=p.multiple)
     return timer
 
 def latency_rows(report: pd.DataFrame, plans, chosen: dict) -> pd.DataFrame:
@@ -465,18 +578,19 @@ def latency_rows(report: pd.DataFrame, plans, chosen: dict) -> pd.DataFrame:
     for i, n in enumerate(rep.name):
         p = by.get(n)
         if p is None or pd.notna(rep.at[i, 'ms_before']): continue
-        rep.at[i, 'ms_before'] = p.latency.dense_ms
+        rep.at[i, 'ms_before'] = p.ms()
         done = n in chosen and rep.at[i, 'status'] == 'decomposed'
-        rep.at[i, 'ms_after'] = p.latency.ms(chosen[n]) if done else p.latency.dense_ms
+        rep.at[i, 'ms_after'] = p.ms(chosen[n]) if done else p.ms()
     return rep
 
-# %% ../../nbs/12_budget.ipynb #c013
+# %% ../../nbs/12_budget.ipynb #c015
 class Budget_Decomposer:
     """Spread a parameter or MAC budget over every eligible Conv and Linear of a model; the report
     is in `self.report`."""
     report: pd.DataFrame = None
     latency: dict | None = None        # budget_on='latency': target, planned and measured milliseconds
     latency_table: LatencyTable | None = None   # budget_on='latency': what was timed, to pass in again
+    calibration: list | None = None    # budget_on='latency': each timed plan's planned and measured shares
     plan: dict | None = None           # the budget's reference total, the cost before and the planned cost
     # called as after_layer(name, layer, block or None, work model) per layer the allocation cuts
     after_layer = None
@@ -486,7 +600,7 @@ class Budget_Decomposer:
     def decompose(self, model: nn.Module,
                   budget: float = 0.5,           # share of the params (or MACs) to keep
                   budget_on: str = 'params',     # 'params', or 'macs' (needs a sample input)
-                  method: str = 'svd',           # for convs: 'svd', 'tucker' or 'spatial'
+                  method: str = 'svd',           # for convs: 'svd', 'tucker', 'spatial', or 'auto' (per layer)
                   conv: bool = True,             # decompose the convs
                   fc: bool = True,               # decompose the Linears
                   layers=None,                   # only these modules (and what they hold)
@@ -511,6 +625,8 @@ class Budget_Decomposer:
                   runtime: str = 'eager',        # budget_on='latency': 'eager' or 'onnxruntime'
                   latency_table=None,            # budget_on='latency': a LatencyTable, or a JSON path
                   budget_of: str = 'dense',      # a model with blocks: share of its dense original, or 'model'
+                  rank_multiple='auto',          # ranks on multiples of this ('auto': `kernel_multiple` for latency)
+                  calibrate: int = 3,            # budget_on='latency': re-plans after timing the planned shapes
                   **refused) -> nn.Module:       # decomposers' rank arguments: refused, saying why
         """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of
         its parameters (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs
@@ -524,6 +640,9 @@ class Budget_Decomposer:
         check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                           refused)
         check_runtime(runtime)
+        multiple = check_rank_multiple(rank_multiple, budget_on, model_device(model) or 'cpu')
+        if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+            raise ValueError(f'calibrate must be an int >= 0 (re-plans after timing), got {calibrate!r}')
         blocks = [(n, b) for n, b in model.named_modules() if isinstance(b, LowRankBlock)]
         check_budget_of(budget_of, budget_on, blocks)
         cands = budget_candidates(model, conv, fc, layers, exclude)
@@ -549,7 +668,7 @@ class Budget_Decomposer:
                                    shapes=shapes,
                                    spectra_fn=spectra_fn, layers=layers, exclude=exclude,
                                    compact=compact,
-                                   skipped=skipped, calls=calls, batch=batch, timer=timer)
+                                   skipped=skipped, calls=calls, batch=batch, timer=timer, multiple=multiple)
         if timer is not None: fixed = self._fixed_ms(model, plans)
         # its cached spectra and any moments it still holds go
         spectra_fn = None
@@ -563,8 +682,12 @@ class Budget_Decomposer:
         if not (blocks and total <= budget * ref): check_plans(model, plans, skipped)
         if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
         ranks, cost, _ = on_rank0(lambda: allocate(plans, budget * ref, fixed))     # one plan for every process
+        if timer is not None and calibrate:
+            ranks, cost = on_rank0(lambda: self._calibrate(model, plans, ranks, cost, budget, fixed, calibrate))
         # already within the budget (a decomposed model, budget_of='dense'): the note said so
-        if total > budget * ref: warn_allocation(cost, budget, ref, fixed, len(plans), budget_on)
+        # a calibrated latency plan is judged by its measurement (`_measure`), not by its prediction
+        if total > budget * ref and not (timer is not None and calibrate):
+            warn_allocation(cost, budget, ref, fixed, len(plans), budget_on)
         self.plan = dict(budget_of=budget_of, reference=ref, before=total, planned=cost)
         chosen = {n: r for n, r in ranks.items() if r is not None}
         passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,
@@ -587,9 +710,9 @@ class Budget_Decomposer:
     def _timer(self, model, budget_on, runtime, table, input_shape, data, calls):
         """With `budget_on='latency'`: the input to time on and the latency table (held on `self`), and
         `timer(plan)` for `plan_layers`; else None."""
-        self.latency = self.latency_table = None
+        self.latency = self.latency_table = self.calibration = None
         if budget_on != 'latency': return None
-        self._x, self._runtime = timing_input(model, input_shape, data), runtime
+        self._x, self._runtime, self._layout = timing_input(model, input_shape, data), runtime, 'contiguous'
         self.latency_table = as_latency_table(table, runtime, self._x)
         return latency_timer(self.latency_table, calls)
 
@@ -600,18 +723,56 @@ class Budget_Decomposer:
         if self._runtime == 'eager':
             inside = in_model_ms(model, self._x, {p.name: p.layer for p in plans if p.latency.alone_ms > 0})
             for p in plans:
-                if p.name in inside: p.latency.scale = inside[p.name] / p.latency.alone_ms
-                p.dense = p.cost(None)
-        return NS_PER_MS * max(self._dense_ms - sum(p.latency.dense_ms for p in plans), 0.0)
+                if p.name in inside: p.time_inside(inside[p.name])
+        return NS_PER_MS * max(self._dense_ms - sum(p.ms() for p in plans), 0.0)
+
+    def _calibrate(self, model, plans, ranks, cost, budget, fixed, rounds: int):
+        """Time the plan's shapes end to end (`skeleton`, beside the dense model) and re-plan with the
+        target moved by what the measurement missed, up to `rounds` times; the plan measured closest
+        to `budget` (of the dense time) wins. `self.calibration` lists (planned, measured) shares."""
+        total = fixed + sum(p.dense for p in plans)
+        target, seen, self.calibration = budget * total, [], []
+        for i in range(rounds + 1):
+            skel = skeleton(model, plans, ranks)
+            if i == 0 and self._runtime == 'eager':       # the faster layout of the blocks' cores, kept from here on
+                ms_dense, ms_plain, ms_cl = model_ms([model, skel, channels_last_cores(copy.deepcopy(skel))], self._x)
+                self._layout = 'channels_last' if ms_cl < ms_plain else 'contiguous'
+                ms_plan = min(ms_plain, ms_cl)
+            else:
+                if self._layout == 'channels_last': channels_last_cores(skel)
+                ms_dense, ms_plan = model_ms([model, skel], self._x, self._runtime)
+            del skel
+            share = ms_plan / ms_dense
+            self.calibration.append(dict(planned=cost / total, measured=share))
+            seen.append((abs(share - budget), ranks, cost))
+            if abs(share - budget) <= CALIBRATE_TOL * budget or i == rounds: break
+            new = min(max(target * budget / share, fixed), total)      # aim off by what this plan missed
+            if new == target: break
+            target = new
+            nxt, cost2, _ = allocate(plans, target, fixed)
+            if nxt == ranks: break
+            ranks, cost = nxt, cost2
+        _, ranks, cost = min(seen, key=lambda t: t[0])
+        return ranks, cost
 
     def _measure(self, model, out, plans, chosen, budget, cost, inplace, table):
         """Each planned layer's predicted milliseconds in the report; the target, planned and measured
-        end-to-end milliseconds in `self.latency`; the table written back to its path, if it has one."""
+        end-to-end milliseconds in `self.latency`; the table written back to its path, if it has one.
+        The blocks' cores are stored in the layout calibration found faster."""
         self.report = latency_rows(self.report, plans, chosen)
+        if self._layout == 'channels_last': channels_last_cores(out)
         if inplace: before, after = self._dense_ms, model_ms(out, self._x, self._runtime)
         else: before, after = model_ms([model, out], self._x, self._runtime)
         self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * self._dense_ms,
-                            planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before)
+                            planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before,
+                            layout=self._layout)
+        if abs(after / before - budget) > LATENCY_TOL * budget:
+            far = (' out of reach: the layers it may cut hold too little of the time (pooling, activations, '
+                   "normalization and the layers left out stay); ask for more, or let more layers in (method='auto' "
+                   'reaches 1×1 convs, layers=/exclude=)' if after / before > budget else
+                   ' the closest plan found (few, large layers make coarse steps)')
+            warnings.warn(f'budget={budget} of the {self._runtime} latency: the decomposed model measured '
+                          f'{after / before:.1%} of the dense time,{far}')
         if table is not None and not isinstance(table, LatencyTable): self.latency_table.save(table)
 
     def _summarize(self, reports, n_chosen, n_plans, cost, total, budget, budget_on, verbose, of=None):
@@ -631,7 +792,7 @@ class Budget_Decomposer:
               f'{int(total):,} → {int(cost):,} ({cost / total:.1%}' + (f' of {of}' if of else '') +
               f', target {budget:.0%})')
 
-# %% ../../nbs/12_budget.ipynb #c014
+# %% ../../nbs/12_budget.ipynb #c016
 class _Decompose:
     """`decompose(model, budget=0.5, ...)` runs `Budget_Decomposer().decompose`; its `report` is
     deprecated."""

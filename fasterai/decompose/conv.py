@@ -51,14 +51,14 @@ class Conv_Decomposer(Decomposer):
                   compensate: bool = False,         # fit each layer to the original model's outputs
                   shrinkage='auto',                 # of the input moments (`InputStats.estimate`)
                   output_grams=None,                # output weighting: None, 'auto' or Grams
-                  min_speedup: float | None = None, # keep only blocks this much faster
+                  min_speedup='auto',               # keep only blocks this much faster ('auto': never slower)
                   verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible convolutions replaced by `method` blocks; the report is
         in `self.report`. With `data`, `output_grams='auto'` (or a dict from `output_grams`) also
         weighs each layer's output channels by how much the model's output reads them; `decompose`
         turns it on by default. With `min_speedup` (and `input_shape` or `data`), a block is kept
         only if it runs at least that many times faster than its layer at the layer's input shape
-        (timed here; see `time_pair`)."""
+        (timed here; see `time_pair`); `'auto'` is 1.0 when the shape is known (see `check_min_speedup`)."""
         check_model(model)
         if method not in METHODS:
             raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -75,7 +75,7 @@ class Conv_Decomposer(Decomposer):
         if not (isinstance(cp_iter, int) and cp_iter >= 1):
             raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
-        check_min_speedup(min_speedup, input_shape, data)
+        min_speedup = check_min_speedup(min_speedup, input_shape, data)
         store_attr('method,percent_removed,energy_threshold,n_iter,tol,rank,calibration,allow_growth,cp_iter,shrinkage')
         return self.calibrated_run(model, data, n_batches, sequential, compensate, output_grams, input_shape,
                                    layers, exclude, inplace, verbose, min_speedup)

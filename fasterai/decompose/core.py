@@ -21,9 +21,9 @@ from .sensitivity import layer_out_roots
 from .distributed import collective, rank0_decides, agree, is_rank0, to_device_of, check_same
 
 # %% auto #0
-__all__ = ['SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd', 'check_names', 'layer_input',
-           'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup', 'other_runnable', 'machine_busy',
-           'calm_threads', 'tidy_report', 'in_model_order', 'damage_note', 'warn_damage', 'Decomposer',
+__all__ = ['SLOWER', 'UNCHECKED', 'NEVER_SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd',
+           'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup', 'other_runnable',
+           'machine_busy', 'calm_threads', 'tidy_report', 'in_model_order', 'damage_note', 'warn_damage', 'Decomposer',
            'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
@@ -106,17 +106,34 @@ def slower_reason(ms_layer: float, ms_block: float, min_speedup: float) -> str |
     return (f'{SLOWER}: {ms_block:.3g} ms against {ms_layer:.3g} ms dense at this input '
             f'({ms_layer / ms_block:.2f}× < min_speedup={min_speedup})')
 
+UNCHECKED = ('speed was not checked: with no input_shape= or data= no block was timed against its layer, and a block '
+             'can run slower than the layer it replaces (small inputs, ranks near break-even, a stem on a large '
+             "image); pass input_shape=(1, C, H, W) to leave slower blocks dense, or min_speedup=None to say speed "
+             'does not matter')
+
+# `min_speedup='auto'` times blocks when it can; False makes it None everywhere (no timing: results that do not
+# depend on this machine's speed, as the test suite wants)
+NEVER_SLOWER = True
+
 def check_min_speedup(min_speedup, input_shape=None, data=None):
-    """Raise unless `min_speedup` is None, or a positive number with an input to time layers on
-    (`input_shape` or `data`)."""
+    """The `min_speedup` to apply: `'auto'` (the decomposers' default) is 1.0 (never slower) when the
+    input shape is known (`input_shape` or `data`), else None, and says once that speed was not
+    checked. Raise unless `min_speedup` is 'auto', None, or a positive number with an input to time
+    layers on."""
+    if isinstance(min_speedup, str) and min_speedup == 'auto':
+        if not NEVER_SLOWER: return None
+        if input_shape is not None or data is not None: return 1.0
+        warnings.warn(UNCHECKED, stacklevel=3)
+        return None
     if min_speedup is None: return
     if isinstance(min_speedup, bool) or not isinstance(min_speedup,
                                                        (int,
                                                         float)) or not 0 < min_speedup < math.inf:
-        raise ValueError(f'min_speedup must be None or a positive number (e.g. 1.0), got {min_speedup!r}')
+        raise ValueError(f"min_speedup must be 'auto', None or a positive number (e.g. 1.0), got {min_speedup!r}")
     if input_shape is None and data is None:
         raise ValueError('min_speedup needs input_shape= or data=: each block is timed at the input shape its '
                          'layer sees')
+    return min_speedup
 
 # %% ../../nbs/09_core.ipynb #c012
 def other_runnable(samples: int = 5, every: float = 0.002) -> int | None:

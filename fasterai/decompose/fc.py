@@ -47,7 +47,7 @@ class FC_Decomposer(Decomposer):
                   shrinkage='auto',                 # of the input moments (`InputStats.estimate`)
                   output_grams=None,                # output weighting: None, 'auto' or Grams
                   compact: bool = False,            # store the second Linear as a `CompactLinear`
-                  min_speedup: float | None = None, # keep only blocks this much faster
+                  min_speedup='auto',               # keep only blocks this much faster ('auto': never slower)
                   verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible Linear layers replaced by two thin Linears; the report
         is in `self.report`. `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k²
@@ -55,14 +55,15 @@ class FC_Decomposer(Decomposer):
         `output_grams`) also weighs each layer's output features by how much the model's output
         reads them; `decompose` turns it on by default. With `min_speedup` (and `input_shape` or
         `data`), a block is kept only if it runs at least that many times faster than its layer at
-        the layer's input shape (timed here; see `time_pair`)."""
+        the layer's input shape (timed here; see `time_pair`); `'auto'` is 1.0 when the shape is known
+        (see `check_min_speedup`)."""
         check_model(model)
         check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
                         input_shape)
         self.ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(self.ranks), {}
         check_shrinkage(shrinkage)
-        check_min_speedup(min_speedup, input_shape, data)
+        min_speedup = check_min_speedup(min_speedup, input_shape, data)
         if not isinstance(compact, bool):
             raise TypeError(f'compact must be True or False, got {compact!r}')
         store_attr('percent_removed,energy_threshold,rank,calibration,allow_growth,shrinkage,compact')

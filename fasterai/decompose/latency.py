@@ -13,6 +13,7 @@ from torch import nn
 from .blocks import *
 from .batches import hooked
 from .core import time_ms, layer_input
+from .ranks import round_rank
 from .distributed import rank0_decides
 
 # %% auto #0
@@ -117,11 +118,12 @@ class LayerLatency:
     ranks. `in_shapes`: the input shape of each call of the layer (one shape, or a list for a layer run several times).
     `scale` (1 by default) multiplies every answer: the ratio of the layer's time inside the model to its time alone."""
     def __init__(self, layer: nn.Module, make_block, macs_of, full, in_shapes, table: LatencyTable,
-                 fractions=(0, 0.125, 0.25, 0.5, 0.75), **timing):
+                 fractions=(0, 0.125, 0.25, 0.5, 0.75), multiple: int = 1, **timing):
         shapes = [tuple(in_shapes)] if isinstance(in_shapes[0], int) else [tuple(s) for s in in_shapes]
         self._macs, self.shapes, self.scale = macs_of, shapes, 1.0
         self.alone_ms = sum(table.ms([layer] * len(shapes), shapes, **timing))
-        grid = sorted({tuple(max(1, round(f * r)) for r in full) for f in fractions})
+        # timed where the allocation will look: on the multiples ranks are kept on (`round_rank`)
+        grid = sorted({tuple(round_rank(max(1, round(f * r)), r, multiple) for r in full) for f in fractions})
         blocks = [make_block(r) for r in grid]
         times = table.ms([b for b in blocks for _ in shapes], [s for _ in blocks for s in shapes], **timing)
         ms = [sum(times[i * len(shapes):(i + 1) * len(shapes)]) for i in range(len(blocks))]

@@ -168,7 +168,10 @@ def decompose(self: Learner, conv: bool = True, fc: bool = True, method: str = '
         model = d.decompose(model, budget=budget, budget_on=budget_on, method=method, conv=conv,
                             fc=fc, **_with_data(kwargs, n_batches, calib))
         bar.close()
-        return self._install_decomposed(model, [d.report, kept])
+        rep = self._install_decomposed(model, [d.report, kept])
+        # budget_on='latency': the target, plan and measurement (see `Budget_Decomposer.latency`)
+        if d.latency is not None: rep.attrs['latency'] = dict(d.latency, calibration=d.calibration)
+        return rep
     decs = ([(Conv_Decomposer(), dict(method=method))] if conv else []) + ([(FC_Decomposer(), {})] if fc else [])
     layers, exclude = kwargs.get('layers'), kwargs.get('exclude')
     bar = _LayerBar(self, progress, sum(len(d.candidates(model, layers, exclude)[0]) for d, _ in decs))
@@ -237,7 +240,7 @@ def _install_decomposed(self: Learner, model, reports):
     self.decompose_report = rep
     return rep
 
-# %% ../../nbs/14_learner.ipynb #c029
+# %% ../../nbs/14_learner.ipynb #c031
 def _valid_loss(learn) -> float | None:
     "The Learner's validation loss, or None without a validation set."
     if not len(getattr(learn.dls, 'valid', [])): return None
@@ -266,7 +269,7 @@ def fine_tune_decomposed(self: Learner, epochs: int = 1, lr: float | None = None
                       '(keep_best=False keeps the fine-tuned ones)')
     return res
 
-# %% ../../nbs/14_learner.ipynb #c033
+# %% ../../nbs/14_learner.ipynb #c035
 class _Captured(nn.Module):
     "Takes what fastai's `load_model` reads from a file, in place of a model or an optimizer."
     state = None
@@ -307,7 +310,7 @@ def _load_hint(load):
 # importing this module twice must not wrap twice
 if not getattr(Learner.load, '_fasterai_hint', False): Learner.load = _load_hint(Learner.load)
 
-# %% ../../nbs/14_learner.ipynb #c043
+# %% ../../nbs/14_learner.ipynb #c045
 def copy_hypers(opt, hypers):
     """Set `opt`'s hyper-parameters from `hypers` (a dict per parameter group; the last group's when
     the counts differ)."""
@@ -363,7 +366,7 @@ def _callback_signature():
 
 DecomposeCallback.__init__.__signature__ = _callback_signature()
 
-# %% ../../nbs/14_learner.ipynb #c053
+# %% ../../nbs/14_learner.ipynb #c055
 class NuclearNormCallback(Callback):
     """Add `weight` × the nuclear norm (÷ Frobenius norm if `relative`) of each conv (T×S·k²) and
     Linear weight under `layers` to the training loss. Layers inside an already-decomposed block are

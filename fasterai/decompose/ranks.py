@@ -12,8 +12,9 @@ import torch
 from .factorize import spectrum
 
 # %% auto #0
-__all__ = ['check_range', 'clamp_rank', 'rank_from_percent', 'rank_from_energy', 'evbmf_tau', 'evbmf_rank', 'calibrate_rank',
-           'conv_dims', 'cp_rank_bound', 'full_ranks', 'choose_ranks', 'check_explicit_rank']
+__all__ = ['check_range', 'clamp_rank', 'rank_from_percent', 'rank_from_energy', 'round_rank', 'next_rank', 'kernel_multiple',
+           'evbmf_tau', 'evbmf_rank', 'calibrate_rank', 'conv_dims', 'cp_rank_bound', 'full_ranks', 'choose_ranks',
+           'check_explicit_rank']
 
 # %% ../../nbs/02_ranks.ipynb #c005
 def _num(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
@@ -44,6 +45,21 @@ def rank_from_energy(s: torch.Tensor, threshold: float) -> int:
     return clamp_rank(int((cum < threshold - 1e-12).sum()) + 1, len(e))
 
 # %% ../../nbs/02_ranks.ipynb #c010
+def round_rank(r: int, full: int, multiple: int = 1) -> int:
+    "`r` rounded down to a multiple of `multiple` when it is at least `multiple` and below `full`."
+    return r - r % multiple if multiple > 1 and multiple <= r < full else r
+
+def next_rank(r: int, full: int, multiple: int = 1) -> int | None:
+    "The next rank above `r` on the grid of `round_rank` (capped at `full`), or None at `full`."
+    if r >= full: return None
+    return min(full, r + 1 if multiple <= 1 or r + 1 < multiple else (r // multiple + 1) * multiple)
+
+def kernel_multiple(device='cpu') -> int:
+    "The rank multiple the kernels of `device` were measured to like: 16 on a CPU with AVX-512, else 1 (no rounding)."
+    if torch.device(device).type != 'cpu': return 1
+    return 16 if 'AVX512' in str(torch.backends.cpu.get_cpu_capability()) else 1
+
+# %% ../../nbs/02_ranks.ipynb #c013
 def evbmf_tau(alpha: float) -> float:
     "Positive root τ̲ of log(τ+1) + α·log(τ/α+1) − τ = 0, for 0 < α ≤ 1."
     from scipy.optimize import brentq
@@ -52,7 +68,7 @@ def evbmf_tau(alpha: float) -> float:
     while f(hi) > 0: hi *= 2
     return brentq(f, 1e-12 if f(1e-12) > 0 else 1e-6, hi, xtol=1e-14, rtol=1e-14)
 
-# %% ../../nbs/02_ranks.ipynb #c012
+# %% ../../nbs/02_ranks.ipynb #c015
 def _evb_free_energy(sigma2, L, M, s, residual, xubar):
     "EVBMF free energy (up to constants) as a function of the noise variance."
     alpha = L / M
@@ -94,7 +110,7 @@ def calibrate_rank(r_vbmf: int, full: int, calibration: float = 0.0) -> int:
     r = r_vbmf + calibration * (full - r_vbmf) if calibration >= 0 else r_vbmf * (1 + calibration)
     return clamp_rank(round(r), full)
 
-# %% ../../nbs/02_ranks.ipynb #c016
+# %% ../../nbs/02_ranks.ipynb #c019
 def conv_dims(conv):
     "(S/g, T/g, ∏k) of a conv."
     g = conv.groups
@@ -116,7 +132,7 @@ def full_ranks(conv, method):
         return (min(Sg * kh, Tg * kw),)
     return (max(1, (Sg * Tg * K) // (Sg + Tg + sum(conv.kernel_size))),)
 
-# %% ../../nbs/02_ranks.ipynb #c017
+# %% ../../nbs/02_ranks.ipynb #c020
 def _slot_rank(slot, f, percent_removed, energy_threshold, rank, calibration):
     "The rank of one slot from the matrices of its groups (largest over groups)."
     if rank == 'vbmf':

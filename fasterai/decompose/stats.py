@@ -332,7 +332,8 @@ def _moment_bytes(m) -> int:
 
 def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None,
                      max_bytes: int = 2 ** 30):
-    """A function (name, layer) → spectra per rank slot of the whitened weight (output side);
+    """A function (name, layer) → spectra per rank slot of the whitened weight (output side; for
+    `method='auto'` a dict method → spectra);
     `roots` (name → (P, P⁻¹) or None, see `layer_out_roots`) adds the output weighting. Input
     moments are gathered for groups of layers holding at most `max_bytes` together (one calibration
     pass per group: one in all for most models; a segmentation head's 2048-channel 3×3 conv alone
@@ -353,7 +354,7 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', ro
             held.update(collect_stats(model, data, group, n_batches))
         return held.pop(name)
     def spectra(name, m, st):
-        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker')):
+        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker', 'auto')):
             return None
         W = m.weight.detach().double()
         P = roots(name) if roots is not None else None
@@ -365,7 +366,9 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', ro
         Sc, K = W.shape[1], math.prod(W.shape[2:])
         # channel second moment
         C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)
-        return [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
+        out = [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
+        # 'auto': both methods' (their output sides are the same whitened weight)
+        return dict(svd=out[:1], tucker=out) if method == 'auto' else out
     def f(name, m):
         if name not in done:
             done[name] = spectra(name, m, stats_of(name)) if name in group_of else None
