@@ -729,9 +729,12 @@ class Budget_Decomposer:
     def _calibrate(self, model, plans, ranks, cost, budget, fixed, rounds: int):
         """Time the plan's shapes end to end (`skeleton`, beside the dense model) and re-plan with the
         target moved by what the measurement missed, up to `rounds` times; the plan measured closest
-        to `budget` (of the dense time) wins. `self.calibration` lists (planned, measured) shares."""
+        to `budget` (of the dense time) wins. The measured share grows with the planned target, so once
+        two plans bracket `budget` the next target is interpolated between theirs (regula falsi), which
+        cannot overshoot past them. `self.calibration` lists (planned, measured) shares."""
         total = fixed + sum(p.dense for p in plans)
         target, seen, self.calibration = budget * total, [], []
+        below = above = None                              # (target, measured share) on each side of `budget`
         for i in range(rounds + 1):
             skel = skeleton(model, plans, ranks)
             if i == 0 and self._runtime == 'eager':       # the faster layout of the blocks' cores, kept from here on
@@ -746,7 +749,13 @@ class Budget_Decomposer:
             self.calibration.append(dict(planned=cost / total, measured=share))
             seen.append((abs(share - budget), ranks, cost))
             if abs(share - budget) <= CALIBRATE_TOL * budget or i == rounds: break
-            new = min(max(target * budget / share, fixed), total)      # aim off by what this plan missed
+            if share > budget: above = (target, share)
+            else: below = (target, share)
+            if below and above:                           # bracketed: interpolate
+                (t0, s0), (t1, s1) = below, above
+                new = t0 + (budget - s0) * (t1 - t0) / max(s1 - s0, 1e-12)
+            else: new = target * budget / share           # aim off by the ratio this plan missed by
+            new = min(max(new, fixed), total)
             if new == target: break
             target = new
             nxt, cost2, _ = allocate(plans, target, fixed)

@@ -1,0 +1,160 @@
+"""`budget_on='latency'`, `method='auto'`, rank multiples and the end-to-end calibration, with a stand-in clock.
+
+Timings are for benchmarks, not tests: here every time comes from a deterministic cost model (MACs plus a cost per
+op), patched in where the library times things (`LatencyTable.ms`, `in_model_ms`, `model_ms`), so what is checked
+is the logic: what is planned, how the plan is corrected when the model's time differs from the layers' sum, and
+what the report and `latency` say."""
+import pytest, torch
+from torch import nn
+from fasterai.decompose.all import *
+from fasterai.decompose import budget as B, latency as L
+from fasterai.decompose.blocks import LowRankBlock, block_macs, layer_macs
+from fasterai.decompose.ranks import kernel_multiple
+
+OP_MS = 0.002                   # per conv or Linear call
+MS_PER_MMAC = 0.01
+
+
+def leaf_ms(m, shape, block_factor=1.0):
+    "Stand-in milliseconds of a conv, Linear or block at an input shape (batch included)."
+    if isinstance(m, LowRankBlock) or (isinstance(m, nn.Sequential) and len(m)):
+        size = tuple(shape[2:])
+        macs = block_macs(m, size) if not isinstance(m[0], nn.Linear) else sum(l.weight.numel() for l in m)
+        return block_factor * (len(m) * OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6)
+    macs = layer_macs(m, tuple(shape[2:])) if not isinstance(m, nn.Linear) else m.weight.numel()
+    return OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6
+
+
+def model_time(model, x, block_factor=1.0, fixed=0.05):
+    "Stand-in end-to-end milliseconds: every conv/Linear/block at the shape it sees, plus a fixed cost."
+    shapes, hooks = {}, []
+    def top(m):
+        return isinstance(m, (LowRankBlock, nn.Conv2d, nn.Linear))
+    seen = set()
+    for m in model.modules():
+        if top(m) and id(m) not in seen:
+            if isinstance(m, LowRankBlock): seen.update(id(c) for c in m.modules())
+            hooks.append(m.register_forward_pre_hook(lambda mod, a: (shapes.setdefault(id(mod), (mod, tuple(a[0].shape))), None)[1]))
+    with torch.inference_mode(): model(x)
+    for h in hooks: h.remove()
+    return fixed + sum(leaf_ms(m, s, block_factor if isinstance(m, LowRankBlock) else 1.0) for m, s in shapes.values())
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    "Patch the library's timers with the stand-in; `clock.factor` makes blocks slower in the model than alone."
+    class Clock: factor = 1.0
+    c = Clock()
+    def table_ms(self, modules, shapes, **timing):
+        out = []
+        for m, s in zip(modules, shapes):
+            k = self.key(m, s)
+            if k not in self.entries: self.entries[k] = leaf_ms(m, s); self.measured += 1
+            out.append(self.entries[k])
+        return out
+    def fake_model_ms(models, x, runtime='eager', **timing):
+        one = isinstance(models, nn.Module)
+        ts = [model_time(m, x, c.factor) for m in ([models] if one else models)]
+        return ts[0] if one else ts
+    def fake_in_model_ms(model, x, layers, rounds=10):
+        shapes = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: (shapes.setdefault(n, tuple(a[0].shape)), None)[1]) for n, m in layers.items()]
+        with torch.inference_mode(): model(x)
+        for h in hooks: h.remove()
+        return {n: leaf_ms(layers[n], s) for n, s in shapes.items()}
+    monkeypatch.setattr(L.LatencyTable, 'ms', table_ms)
+    monkeypatch.setattr(B, 'model_ms', fake_model_ms)
+    monkeypatch.setattr(B, 'in_model_ms', fake_in_model_ms)
+    return c
+
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 96, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(96, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 128, 1), nn.ReLU(),
+                         nn.Conv2d(128, 128, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 10)).eval()
+
+
+SHAPE = (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize('method', ['tucker', 'auto'])
+def test_latency_budget_lands_on_its_target(clock, method):
+    m = cnn()
+    d = Budget_Decomposer()
+    out = d.decompose(m, budget=0.5, budget_on='latency', method=method, input_shape=SHAPE, verbose=False)
+    lat = d.latency
+    assert abs(lat['measured_share'] - 0.5) <= 0.05, lat
+    assert lat['measured_ms'] == pytest.approx(model_time(out, torch.zeros(SHAPE)))
+    rep = d.report
+    done = rep[rep.status == 'decomposed']
+    assert len(done) >= 2 and (done.ms_after < done.ms_before).all()
+    assert not any(isinstance(x, LowRankBlock) for x in m.modules())          # the caller's model untouched
+
+
+def test_auto_gives_the_1x1_conv_an_svd_block_and_each_layer_one_method(clock):
+    m = cnn()
+    d = Budget_Decomposer()
+    out = d.decompose(m, budget=0.3, budget_on='latency', method='auto', input_shape=SHAPE, verbose=False)
+    rep = d.report.set_index('name')
+    assert rep.loc['6', 'method'] == 'svd'                                     # a 1×1 conv: SVD or dense only
+    done = rep[rep.status == 'decomposed']
+    assert set(done.method) <= {'tucker', 'svd'}
+    for n in done.index:                                                       # the block is of the method reported
+        assert out.get_submodule(n).method == done.loc[n, 'method']
+    # tucker alone cannot take the 1×1 conv: the same target leaves it dense
+    t = Budget_Decomposer()
+    t.decompose(m, budget=0.3, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    assert t.report.set_index('name').loc['6', 'status'] == 'skipped'
+
+
+def test_calibration_corrects_a_plan_the_layers_mispredict(clock):
+    "Blocks 1.6× slower inside the model than alone: the first plan lands above target, the calibrated one near it."
+    clock.factor = 1.6
+    m = cnn()
+    d = Budget_Decomposer()
+    d.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    first, final = d.calibration[0]['measured'], d.latency['measured_share']
+    assert len(d.calibration) >= 2 and first > 0.6 * 1.03
+    assert abs(final - 0.6) < abs(first - 0.6) and abs(final - 0.6) <= 0.06
+    u = Budget_Decomposer()                                                    # calibrate=0: the first plan as it is
+    u.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, calibrate=0, verbose=False)
+    assert u.calibration is None and u.latency['measured_share'] == pytest.approx(first, rel=1e-6)
+
+
+def test_a_target_out_of_reach_is_warned_about(clock):
+    m = cnn()
+    with pytest.warns(UserWarning, match='out of reach'):
+        Budget_Decomposer().decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+
+
+@pytest.mark.parametrize('q', [8, 16])
+def test_ranks_stay_on_the_multiple(clock, q):
+    m = cnn()
+    for on in ('latency', 'params'):
+        d = Budget_Decomposer()
+        d.decompose(m, budget=0.5, budget_on=on, method='tucker', input_shape=SHAPE, rank_multiple=q, verbose=False)
+        done = d.report[d.report.status == 'decomposed']
+        assert len(done)
+        assert all(r < q or r % q == 0 for rs in done.ranks for r in rs), list(done.ranks)
+
+
+def test_rank_multiple_auto_rounds_only_latency_budgets():
+    assert B.check_rank_multiple('auto', 'params') == 1 and B.check_rank_multiple('auto', 'macs') == 1
+    assert B.check_rank_multiple('auto', 'latency') == kernel_multiple()
+    assert B.check_rank_multiple(4, 'params') == 4
+    for bad in (0, 2.0, True, 'x'):
+        with pytest.raises(ValueError, match="rank_multiple must be 'auto' or an int >= 1"):
+            B.check_rank_multiple(bad, 'latency')
+
+
+def test_the_latency_table_spares_a_second_call_its_timings(clock, tmp_path):
+    m = cnn()
+    path = tmp_path / 't.json'
+    d = Budget_Decomposer()
+    d.decompose(m, budget=0.5, budget_on='latency', method='auto', input_shape=SHAPE, latency_table=path, verbose=False)
+    assert path.exists() and d.latency_table.measured > 0
+    again = Budget_Decomposer()
+    again.decompose(m, budget=0.5, budget_on='latency', method='auto', input_shape=SHAPE, latency_table=path, verbose=False)
+    assert again.latency_table.measured == 0 and len(again.latency_table) == len(d.latency_table)
