@@ -82,7 +82,7 @@ def report_table(rep) -> str:
     return r.to_string(index=False)
 
 def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float | None = None, seed: int = 0,
-         threads: int | None = 1, budget: float = 0.8, batch: int = 64):
+         threads: int | None = 1, budget: float = 0.75, batch: int = 1):
     """Train the digits CNN with fastai, decompose it to `budget` of its measured latency at batch `batch`
     (`learn.decompose(budget=, budget_on='latency')`), fine-tune one epoch with `learn.fine_tune_decomposed(lr=ft_lr)`
     (default: the training peak LR ÷ 10); print before/after."""

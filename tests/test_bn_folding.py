@@ -202,3 +202,24 @@ def test_torchvision(arch, n, f32_direct):
             f64, _ = fold(m64, inplace=True)
             assert rel(f64(x.double()), ref) < 1e-10
             assert rel(f(x).double(), ref) <= 2 * rel(m(x).double(), ref)
+
+
+@pytest.mark.parametrize('method', ['tucker', 'svd', 'cp'])
+def test_folds_into_the_last_conv_of_a_decomposed_block(method):
+    "conv → BN with the conv decomposed: the BN goes into the block's last conv, outputs unchanged."
+    import torchvision
+    from fasterai.decompose.all import Conv_Decomposer, LowRankBlock
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    for bn in (x for x in m.modules() if isinstance(x, nn.BatchNorm2d)):    # non-trivial statistics
+        bn.running_mean.uniform_(-0.5, 0.5); bn.running_var.uniform_(0.5, 2.0); bn.weight.data.uniform_(0.5, 1.5)
+    d = Conv_Decomposer().decompose(m, method=method, percent_removed=0.5, layers=['layer1', 'layer2.0'], cp_iter=3,
+                                    verbose=False)
+    f = BN_Folder()
+    out = f.fold(d)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): ref, got = d(x), out(x)
+    assert (got - ref).norm() / ref.norm() < 1e-5
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in out.modules())
+    blk = out.layer1[0].conv1
+    assert isinstance(blk, LowRankBlock) and blk[-1].bias is not None        # the BN's shift is the last conv's bias
