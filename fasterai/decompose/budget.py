@@ -793,9 +793,11 @@ class Budget_Decomposer:
         if not verbose: return
         if self.latency is not None:
             t = self.latency
-            print(f"decompose: {n_chosen} of {n_plans} eligible layers decomposed; {t['runtime']} latency planned "
-                  f"{total / NS_PER_MS:.3g} → {t['planned_ms']:.3g} ms ({cost / total:.1%}, target {budget:.0%}), "
-                  f"measured {t['dense_ms']:.3g} → {t['measured_ms']:.3g} ms ({t['measured_share']:.1%})")
+            checks = (f" after {len(self.calibration)} end-to-end check(s) of the plan (the layers' own times "
+                      f"predicted {cost / total:.1%})" if self.calibration else f' (planned {cost / total:.1%})')
+            print(f"decompose: {n_chosen} of {n_plans} eligible layers decomposed; {t['runtime']} latency "
+                  f"{t['dense_ms']:.3g} → {t['measured_ms']:.3g} ms measured ({t['measured_share']:.1%}, target "
+                  f"{budget:.0%}){checks}")
             return
         print(f'decompose: {n_chosen} of {n_plans} eligible layers decomposed; planned {budget_on} '
               f'{int(total):,} → {int(cost):,} ({cost / total:.1%}' + (f' of {of}' if of else '') +
