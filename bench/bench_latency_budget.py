@@ -13,11 +13,12 @@ Dense and decomposed models are timed in one process, interleaved (`fasterai.dec
 rounds, repeated until stable), in runtime R. Reported: the MAC ratio (dense / decomposed, torch's FLOP counter via
 `fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms), the share of the MAC ratio reached (speed
 ratio / MAC ratio), the decomposition's wall time, and for (b) and (c) the measured share of the dense latency
-against the target. One latency table per runtime is shared by every call (as a user passing `latency_table=` would).
+against the target. Eager rows also give the speed-up of the dense model with every conv weight in channels_last
+(`dense_channels_last_speed_ratio`): the part of a decomposed model's speed-up the memory layout alone could give. One latency table per runtime is shared by every call (as a user passing `latency_table=` would).
 Rows are appended to the output JSON as they come (`--out`, default bench/results/latency_budget.json).
 """
 from __future__ import annotations
-import argparse, json, sys, time, warnings
+import argparse, copy, json, sys, time, warnings
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'bench'))
@@ -40,7 +41,7 @@ import torch, torchvision
 torch.set_num_threads(ARGS.threads)
 warnings.simplefilter('ignore')
 from fasterai.decompose.all import *
-from fasterai.decompose.latency import model_ms
+from fasterai.decompose.latency import model_ms, channels_last_convs
 from fasterai.demo import model_macs
 
 out = Path(ARGS.out)
@@ -69,11 +70,16 @@ for name in ARGS.models:
                 m = d.decompose(dense, budget=ARGS.budget, budget_on='latency', method=meth, input_shape=tuple(x.shape),
                                 runtime=rt, latency_table=tables[rt], verbose=False)
                 models[f'({c}) latency {ARGS.budget}, {meth}'] = (m, time.time() - t, d)
-            times = model_ms([dense] + [v[0] for v in models.values()], x, rt, min_time=0.5)
+            # the dense model with every conv weight channels-last: how much of a speed-up the layout alone gives
+            extra = [channels_last_convs(copy.deepcopy(dense))] if rt == 'eager' else []
+            t_all = model_ms([dense] + extra + [v[0] for v in models.values()], x, rt, min_time=0.5)
+            layout_only = t_all[0] / t_all[1] if extra else None
+            times = [t_all[0]] + t_all[1 + len(extra):]
             for (cfg, (m, secs, d)), ms in zip(models.items(), times[1:]):
                 mc = model_macs(m, tuple(x.shape))
                 r = dict(model=name, batch=bs, runtime=rt, config=cfg, dense_ms=times[0], ms=ms, mac_ratio=md / mc,
-                         speed_ratio=times[0] / ms, share_of_mac_ratio=(times[0] / ms) / (md / mc), decompose_s=secs)
+                         speed_ratio=times[0] / ms, share_of_mac_ratio=(times[0] / ms) / (md / mc), decompose_s=secs,
+                         dense_channels_last_speed_ratio=layout_only)
                 if d is not None:
                     r.update(target_share=ARGS.budget, measured_share=ms / times[0],
                              measured_share_in_call=d.latency['measured_share'], calibration=d.calibration,

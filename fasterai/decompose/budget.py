@@ -738,11 +738,11 @@ class Budget_Decomposer:
         for i in range(rounds + 1):
             skel = skeleton(model, plans, ranks)
             if i == 0 and self._runtime == 'eager':       # the faster layout of the blocks' cores, kept from here on
-                ms_dense, ms_plain, ms_cl = model_ms([model, skel, channels_last_cores(copy.deepcopy(skel))], self._x)
+                ms_dense, ms_plain, ms_cl = model_ms([model, skel, channels_last_convs(copy.deepcopy(skel))], self._x)
                 self._layout = 'channels_last' if ms_cl < ms_plain else 'contiguous'
                 ms_plan = min(ms_plain, ms_cl)
             else:
-                if self._layout == 'channels_last': channels_last_cores(skel)
+                if self._layout == 'channels_last': channels_last_convs(skel)
                 ms_dense, ms_plan = model_ms([model, skel], self._x, self._runtime)
             del skel
             share = ms_plan / ms_dense
@@ -767,9 +767,9 @@ class Budget_Decomposer:
     def _measure(self, model, out, plans, chosen, budget, cost, inplace, table):
         """Each planned layer's predicted milliseconds in the report; the target, planned and measured
         end-to-end milliseconds in `self.latency`; the table written back to its path, if it has one.
-        The blocks' cores are stored in the layout calibration found faster."""
+        The model's convs are stored in the layout calibration found faster (`channels_last_convs`)."""
         self.report = latency_rows(self.report, plans, chosen)
-        if self._layout == 'channels_last': channels_last_cores(out)
+        if self._layout == 'channels_last': channels_last_convs(out)
         if inplace: before, after = self._dense_ms, model_ms(out, self._x, self._runtime)
         else: before, after = model_ms([model, out], self._x, self._runtime)
         self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * self._dense_ms,

@@ -18,7 +18,7 @@ from .distributed import rank0_decides
 
 # %% auto #0
 __all__ = ['RUNTIMES', 'check_runtime', 'eager_runner', 'onnx_runner', 'runner', 'signature', 'context', 'LatencyTable',
-           'LayerLatency', 'model_ms', 'in_model_ms', 'channels_last_cores', 'choose_layout']
+           'LayerLatency', 'model_ms', 'in_model_ms', 'channels_last_cores', 'channels_last_convs', 'choose_layout']
 
 # %% ../../nbs/11a_latency.ipynb #c006
 RUNTIMES = ('eager', 'onnxruntime')
@@ -189,6 +189,13 @@ def channels_last_cores(model: nn.Module) -> nn.Module:
         for m in blk:
             if isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and m.weight.shape[-2:] != (1, 1):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+def channels_last_convs(model: nn.Module) -> nn.Module:
+    "`model`, with the weight of every conv with a 4-d weight stored in `channels_last` (in place)."
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     return model
 
 def choose_layout(model: nn.Module, x: torch.Tensor, **timing):
