@@ -566,10 +566,7 @@ def latency_timer(table: LatencyTable, calls: dict):
     "`timer(plan)` for `plan_layers`: a plan's `LayerLatency` at the input shapes of its calls, timed into `table`."
     def timer(p):
         if not calls.get(p.name): return _Untimed()
-        w = p.layer.weight
-        make = partial(linear_layers, compact=p.compact) if isinstance(p.layer, nn.Linear) else METHOD_LAYERS[p.method]
-        def block(r): return make(p.layer, *r, device=w.device).to(w.dtype).eval()
-        return LayerLatency(p.layer, block, p.macs, p.full, calls[p.name], table, multiple=p.multiple)
+        return LayerLatency(p.layer, p.runnable, p.macs, p.full, calls[p.name], table, multiple=p.multiple)
     return timer
 
 def latency_rows(report: pd.DataFrame, plans, chosen: dict) -> pd.DataFrame:
