@@ -158,3 +158,16 @@ def test_the_latency_table_spares_a_second_call_its_timings(clock, tmp_path):
     again = Budget_Decomposer()
     again.decompose(m, budget=0.5, budget_on='latency', method='auto', input_shape=SHAPE, latency_table=path, verbose=False)
     assert again.latency_table.measured == 0 and len(again.latency_table) == len(d.latency_table)
+
+
+@pytest.mark.parametrize('on', ['params', 'macs'])
+def test_auto_under_size_budgets(on):
+    "method='auto' works under every budget_on: the target is met, and each decomposed layer got one of the methods."
+    m = cnn()
+    d = Budget_Decomposer()
+    out = d.decompose(m, budget=0.4, budget_on=on, method='auto', input_shape=SHAPE, verbose=False)
+    assert abs(d.plan['planned'] / d.plan['before'] - 0.4) < 0.02
+    done = d.report[d.report.status == 'decomposed']
+    assert len(done) >= 2 and set(done.method) <= {'tucker', 'svd'}
+    x = torch.randn(2, 3, 32, 32)
+    assert out(x).shape == m(x).shape
