@@ -171,3 +171,14 @@ def test_auto_under_size_budgets(on):
     assert len(done) >= 2 and set(done.method) <= {'tucker', 'svd'}
     x = torch.randn(2, 3, 32, 32)
     assert out(x).shape == m(x).shape
+
+
+def test_a_plan_slower_than_dense_is_never_kept(clock):
+    "Blocks 1000× slower inside the model than alone: every plan with a block measures above 1, so the model stays dense."
+    clock.factor = 1000.0
+    m = cnn()
+    d = Budget_Decomposer()
+    with pytest.warns(UserWarning, match='out of reach'):
+        out = d.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    assert all(c['measured'] > 1 or c['planned'] == pytest.approx(1) for c in d.calibration)
+    assert not any(isinstance(x, LowRankBlock) for x in out.modules()) and d.latency['measured_share'] == pytest.approx(1)

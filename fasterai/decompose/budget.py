@@ -728,9 +728,11 @@ class Budget_Decomposer:
         target moved by what the measurement missed, up to `rounds` times; the plan measured closest
         to `budget` (of the dense time) wins. The measured share grows with the planned target, so once
         two plans bracket `budget` the next target is interpolated between theirs (regula falsi), which
-        cannot overshoot past them. `self.calibration` lists (planned, measured) shares."""
+        cannot overshoot past them. The dense model counts as a plan measured at 1, so a plan that runs no
+        faster than it is never kept. `self.calibration` lists (planned, measured) shares."""
         total = fixed + sum(p.dense for p in plans)
-        target, seen, self.calibration = budget * total, [], []
+        # the dense model is a plan too, measured at 1 by definition: a plan no faster than it never wins
+        target, seen, self.calibration = budget * total, [(1 - budget, {n: None for n in ranks}, total)], []
         below = above = None                              # (target, measured share) on each side of `budget`
         for i in range(rounds + 1):
             skel = skeleton(model, plans, ranks)
