@@ -60,6 +60,10 @@ class Conv_Decomposer(Decomposer):
         only if it runs at least that many times faster than its layer at the layer's input shape
         (timed here; see `time_pair`); `'auto'` is 1.0 when the shape is known (see `check_min_speedup`)."""
         check_model(model)
+        if method == 'auto':
+            raise ValueError("method='auto' chooses a method per layer within a budget: use decompose(model, budget=..., "
+                             "method='auto') (or learn.decompose(budget=..., method='auto')); Conv_Decomposer takes one "
+                             f'of {METHODS}')
         if method not in METHODS:
             raise ValueError(f'method must be one of {METHODS}, got {method!r}')
         check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
