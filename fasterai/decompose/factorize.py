@@ -176,13 +176,6 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
     return torch.cat(parts)
 
 # %% ../../nbs/00_factorize.ipynb #c024
-def _mttkrp(X, facs, n):
-    """The mode-`n` unfolding of `X` times the Khatri–Rao product of the other factors, contracted
-    one mode at a time (never formed)."""
-    letters = 'abcdefgh'[:X.dim()]
-    spec = ','.join([letters] + [f'{l}z' for i, l in enumerate(letters) if i != n]) + f'->{letters[n]}z'
-    return torch.einsum(spec, X, *[f for i, f in enumerate(facs) if i != n])
-
 def _cp_start(X, r, init, gen):
     """Starting factors: the leading left singular vectors of each unfolding (random columns past
     its size), or random."""
@@ -195,58 +188,157 @@ def _cp_start(X, r, init, gen):
         facs.append(U)
     return facs
 
-def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: str = 'svd',
-           seed: int = 0):
-    """CP-ALS of a float64 tensor `X` with ‖X‖ = 1 at rank `r`: (weights, factors with unit columns,
-    relative error) of the best iterate. Each mode update solves its normal equations with the
-    Hadamard product of the other factors' Grams; the error comes from those Grams and the last
-    product, so no iterate is rebuilt."""
-    gen = torch.Generator().manual_seed(seed)
-    facs = _cp_start(X, r, init, gen)
-    grams = [f.T @ f for f in facs]
-    best, prev = None, math.inf
-    for _ in range(max(n_iter, 1)):
-        for n in range(X.dim()):
-            V = math.prod(g for i, g in enumerate(grams) if i != n)
-            M = _mttkrp(X, facs, n)
-            # non-finite iterates are caught below
-            A = M @ torch.linalg.pinv(V, hermitian=True)
-            lam = A.norm(dim=0)
-            A = A / torch.where(lam > 0, lam, torch.ones_like(lam))
-            facs[n], grams[n] = A, A.T @ A
-        # ⟨X, X̂⟩ from the last mode's product
-        inner = float((M * A).sum(0) @ lam)
-        fit2 = float(lam @ (math.prod(grams) @ lam))                          # ‖X̂‖²
-        err = math.sqrt(max(1 - 2 * inner + fit2, 0.))
-        if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in facs): break
-        if best is None or err < best[2]: best = (lam.clone(), [f.clone() for f in facs], err)
-        if abs(prev - err) < tol: break
-        prev = err
-    return best
+def _khatri_rao(mats, r, dtype):
+    "Rows (i, j, ...) in row-major order: the products of the rows of `mats` (a 1×r row of ones for none)."
+    K = torch.ones(1, r, dtype=dtype)
+    for A in mats: K = (K[:, None, :] * A[None, :, :]).reshape(-1, r)
+    return K
 
-def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, seed: int = 0):
-    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS (`cp_als`), from an
-    SVD start and, when that ends above 50% error, also from a random one. Returns (factors,
-    rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r), float64 on the
-    CPU."""
-    X = W.detach().to('cpu', torch.float64)
-    norm = float(torch.linalg.vector_norm(X))
+def _balance(facs):
+    "The same tensor with each rank-1 term's norm spread evenly over its factors."
+    norms = torch.stack([f.norm(dim=0) for f in facs])
+    tiny = torch.finfo(facs[0].dtype).tiny
+    share = norms.clamp_min(tiny).log().mean(0).exp()
+    return [f * (share / n.clamp_min(tiny)) for f, n in zip(facs, norms)]
+
+class _CPSweeps:
+    """ALS sweeps over the modes in order for a tensor `X` of 2 or more modes. Modes 0 and 1 take one
+    GEMM each with the other; the rest (the kernel modes of a conv) reuse the second GEMM's product."""
+    def __init__(self, X):
+        self.shape, self.dtype = X.shape, X.dtype
+        d0, d1, rest = X.shape[0], X.shape[1], list(range(2, X.dim()))
+        self.X0 = X.permute(0, *rest, 1).reshape(-1, d1)           # rows (i0, rest)
+        self.X1 = X.permute(1, *rest, 0).reshape(-1, d0)           # rows (i1, rest)
+        self.norm2 = float(torch.linalg.vector_norm(X, dtype=torch.float64)) ** 2
+
+    @staticmethod
+    def _solve(M, V):
+        "M V⁻¹ for the symmetric V: Cholesky, else with a small ridge, else the pseudo-inverse (float64)."
+        L, info = torch.linalg.cholesky_ex(V)
+        if int(info) == 0: return torch.cholesky_solve(M.T, L).T
+        Vd = V.double()
+        ridge = Vd.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10
+        L, info = torch.linalg.cholesky_ex(Vd + ridge * torch.eye(len(Vd), dtype=Vd.dtype))
+        A = torch.cholesky_solve(M.double().T, L).T if int(info) == 0 else \
+            M.double() @ torch.linalg.pinv(Vd, hermitian=True)
+        return A.to(M.dtype)
+
+    def __call__(self, facs):
+        "One sweep from `facs`: the new (balanced) factors and their relative error."
+        facs = list(facs)
+        d0, d1, *small = self.shape
+        r, N, Q = facs[0].shape[1], len(facs), math.prod(small)
+        grams = [None] + [f.T @ f for f in facs[1:]]                     # A₀'s Gram is not needed first
+        hada = lambda skip: math.prod(g for i, g in enumerate(grams) if i != skip)
+        K = _khatri_rao(facs[2:], r, self.dtype)                   # Q×r
+        M = ((self.X0 @ facs[1]).reshape(d0, Q, r) * K).sum(1)
+        facs[0] = self._solve(M, hada(0)); grams[0] = facs[0].T @ facs[0]
+        Z = (self.X1 @ facs[0]).reshape(d1, Q, r)
+        M = (Z * K).sum(1)
+        facs[1] = self._solve(M, hada(1)); grams[1] = facs[1].T @ facs[1]
+        if N > 2:
+            Y = (Z * facs[1][:, None, :]).sum(0).reshape(*small, r)     # X ×₀ A₀ ×₁ A₁
+            for n in range(2, N):
+                M = Y
+                for m in reversed(range(2, N)):                         # contract the other kernel modes
+                    if m != n: M = (M * facs[m].reshape(*[1] * (m - 2), -1, *[1] * (N - 1 - m), r)).sum(m - 2, keepdim=True)
+                M = M.reshape(-1, r)
+                facs[n] = self._solve(M, hada(n)); grams[n] = facs[n].T @ facs[n]
+        # ⟨X, X̂⟩ from the last mode's product, ‖X̂‖² from the Grams
+        inner = float((M.double() * facs[-1].double()).sum())
+        fit2 = float(math.prod(g.double() for g in grams).sum())
+        err2 = max(self.norm2 - 2 * inner + fit2, 0.) / self.norm2 if self.norm2 > 0 else 0.
+        return _balance(facs), math.sqrt(err2)
+
+def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: str = 'svd',
+           seed: int = 0, beta: float = 0.9):
+    """CP-ALS of a tensor `X` (2 or more modes) with ‖X‖ = 1 at rank `r`, extrapolated by `beta` (0: plain
+    ALS): (weights, factors with unit columns, relative error) of the best of `n_iter` sweeps, in `X`'s
+    dtype. Stops early when a sweep improves the error by less than `tol`."""
+    if X.dim() < 2: raise ValueError(f'cp_als needs a tensor of 2 or more modes, got shape {tuple(X.shape)}')
+    gen = torch.Generator().manual_seed(seed)
+    sweep = _CPSweeps(X)
+    prev = _balance(_cp_start(X, r, init, gen))
+    x, err = sweep(prev)
+    best, bmax, sweeps = None, 1., 1
+    while True:
+        if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in x): break
+        if best is None or err < best[0]: best = (err, x)
+        if sweeps >= n_iter: break
+        last = err
+        if beta > 0:
+            xn, en = sweep([a + beta * (a - b) for a, b in zip(x, prev)]); sweeps += 1
+            if en < err:
+                prev, x, err = x, xn, en
+                beta = min(bmax, beta * 1.05)
+                if last - err >= tol: continue
+                best = (err, x) if err < best[0] else best
+                break
+            # rejected: remember where it failed, retreat, and take a plain sweep
+            bmax, beta = beta, beta / 1.5
+            if sweeps >= n_iter: break
+        prev, (x, err) = x, sweep(x); sweeps += 1
+        if math.isfinite(err) and abs(last - err) < tol:
+            if err < best[0]: best = (err, x)
+            break
+    if best is None: return None
+    err, facs = best
+    norms = [f.norm(dim=0) for f in facs]
+    lam = math.prod(norms)
+    facs = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(facs, norms)]
+    return lam, facs, err
+
+def _cp_matrix(X, r):
+    """Best rank-`r` CP of a tensor with at most two modes longer than 1: the truncated SVD (zero terms
+    past the matrix rank). Same return as `cp_als`."""
+    long = [i for i, d in enumerate(X.shape) if d > 1] or [0]
+    M = X.reshape(X.shape[long[0]], -1)
+    k = min(r, *M.shape)
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    facs = []
+    for i, d in enumerate(X.shape):
+        f = torch.zeros(d, r, dtype=X.dtype)
+        if i == long[0]: f[:, :k] = U[:, :k]
+        elif len(long) > 1 and i == long[1]: f[:, :k] = Vh[:k].T
+        else: f[:] = 1.
+        if i == long[0] and len(long) == 1: f[:, :k] *= Vh[:k, 0]          # the sign of a 1-long matrix
+        if d > 1 and k < r: f[0, k:] = 1.                               # unit columns for the zero terms
+        facs.append(f)
+    lam = torch.zeros(r, dtype=X.dtype); lam[:k] = s[:k]
+    norm2 = float(s.double().pow(2).sum())
+    err = math.sqrt(max(norm2 - float(s[:k].double().pow(2).sum()), 0.) / norm2) if norm2 > 0 else 0.
+    return lam, facs, err
+
+def cp_factors(W: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, seed: int = 0):
+    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by extrapolated CP-ALS (`cp_als`, in
+    `W`'s work dtype), from an SVD start and, when that ends above 50% error, also from a random one; the
+    truncated SVD when `W` has at most two modes longer than 1 (a 1×1 conv). Returns (factors,
+    rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r), float64 on the CPU;
+    the error is recomputed from the factors in float64."""
+    X = W.detach().to('cpu', work_dtype(W))
+    norm = float(torch.linalg.vector_norm(X, dtype=torch.float64))
     if norm == 0: return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0
-    best = None
-    for init in ('svd', 'random'):
-        res = cp_als(X / norm, r, n_iter, tol, init, seed)
-        if res is not None and (best is None or res[2] < best[2]): best = res
-        if best is not None and best[2] < 0.5: break
+    Xn = X / norm
+    if sum(d > 1 for d in X.shape) <= 2: best = _cp_matrix(Xn.double(), r)
+    else:
+        best = None
+        for init in ('svd', 'random'):
+            res = cp_als(Xn, r, n_iter, tol, init, seed)
+            if res is not None and (best is None or res[2] < best[2]): best = res
+            if best is not None and best[2] < 0.5: break
     if best is None: raise FloatingPointError('CP-ALS did not produce finite factors')
-    lam, facs, err = best
+    lam, facs, _ = best
+    facs = [f.double() for f in facs]
     # fold λ·‖W‖ into the output factor
-    facs[0] = facs[0] * (lam * norm)
-    return facs, float(err)
+    facs[0] = facs[0] * (lam.double() * norm)
+    Wd = W.detach().to('cpu', torch.float64)
+    err = float(torch.linalg.vector_norm(cp_weight(facs) - Wd) / norm)
+    return facs, err
 
 def cp_weight(facs):
-    "Rebuild the tensor from CP factors."
-    letters = 'abcdefgh'[:len(facs)]
-    return torch.einsum(','.join(f'{l}z' for l in letters) + '->' + letters, *facs)
+    "Rebuild the tensor from CP factors (one GEMM with the Khatri–Rao product of all but the first)."
+    r = facs[0].shape[1]
+    return (facs[0] @ _khatri_rao(facs[1:], r, facs[0].dtype).T).reshape(*[f.shape[0] for f in facs])
 
 # %% ../../nbs/00_factorize.ipynb #c027
 def mode_matrices(W, method, groups=1):
@@ -270,7 +362,7 @@ def spectrum(M):
     return leading_subspace(M, 0)[1]
 
 # %% ../../nbs/00_factorize.ipynb #c029
-def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
+def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=25):
     "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
     T = W.shape[0]
     if method == 'tucker':
