@@ -378,7 +378,7 @@ def _cp_fit(W, r, n_iter=None, tol=1e-6, seed=0):
     if norm == 0:
         return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0, torch.zeros(X.shape, dtype=torch.float64)
     Xn = X / norm
-    if sum(d > 1 for d in X.shape) <= 2: best = _cp_matrix(Xn.double(), r)
+    if sum(d > 1 for d in X.shape) <= 2: best = _cp_matrix(W.detach().to('cpu', torch.float64) / norm, r)
     else:
         best = None
         # the random restart guards small tensors against a poor SVD start; on large ones it would double the cost
@@ -410,7 +410,7 @@ def cp_weight(facs):
     r = facs[0].shape[1]
     return (facs[0] @ _khatri_rao(facs[1:], r, facs[0].dtype).T).reshape(*[f.shape[0] for f in facs])
 
-# %% ../../nbs/00_factorize.ipynb #c027
+# %% ../../nbs/00_factorize.ipynb #c029
 def mode_matrices(W, method, groups=1):
     "Per rank slot, the matrices (one per group) whose spectra set that slot's rank."
     T, Sg, *k = W.shape
@@ -431,7 +431,7 @@ def spectrum(M):
     if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
     return leading_subspace(M, 0)[1]
 
-# %% ../../nbs/00_factorize.ipynb #c029
+# %% ../../nbs/00_factorize.ipynb #c031
 def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=None):
     "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
     T = W.shape[0]
