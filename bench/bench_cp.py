@@ -1,7 +1,7 @@
 """Time and error of CP decompositions: every conv of a torchvision model (random weights, seed 0) at
 `method='cp', percent_removed=0.5`.
 
-    .venv/bin/python bench/bench_cp.py [--models vgg16_bn resnet50] [--threads 1] [--timeout 600] [--out bench/results/cp.json]
+    .venv/bin/python bench/bench_cp.py [--models vgg16_bn resnet50] [--threads 1] [--timeout 600] [--out bench/results/cp.json --label after]
     .venv/bin/python bench/bench_cp.py --layers features.10 features.27 --models vgg16_bn      # per-layer rows only
 
 Two measurements per model, each in a child process (so a version that does not finish is stopped at `--timeout`):
@@ -25,6 +25,7 @@ ap.add_argument('--threads', type=int, default=1)
 ap.add_argument('--timeout', type=float, default=600, help='seconds before a child run is stopped')
 ap.add_argument('--code', default=None, help='a directory holding another version of the fasterai package')
 ap.add_argument('--one', default=None, help=argparse.SUPPRESS)          # child: 'model:<name>' or 'layers:<name>'
+ap.add_argument('--label', default=None, help='store the run under this key of --out (other keys are kept)')
 ap.add_argument('--out', default=None)
 args = ap.parse_args()
 if args.code:                      # the editable install's finder would win over sys.path: drop it
@@ -96,4 +97,9 @@ for name in args.models:
         print(name, kind, json.dumps(out), flush=True)
 res['loadavg_end'] = os.getloadavg()
 if args.out:
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    out = Path(args.out)
+    if args.label:
+        data = json.loads(out.read_text()) if out.exists() else {}
+        data[args.label] = res
+        res = data
+    out.write_text(json.dumps(res, indent=1))
