@@ -277,6 +277,8 @@ class _CPSweeps:
                 facs[n] = self._solve(M, hada(n)); grams[n] = self._gram(facs[n])
         # ⟨X, X̂⟩ from the last mode's product, ‖X̂‖² from the Grams
         inner = float((M.double() * facs[-1].double()).sum())
+        # a non-finite factor shows in its Gram's diagonal (its column norms²)
+        if not all(bool(torch.isfinite(g.diagonal()).all()) for g in grams): return facs, math.nan
         P = math.prod(g.double() for g in grams)                         # upper triangle of the Hadamard
         fit2 = float(2 * P.sum() - P.diagonal().sum())
         err2 = max(self.norm2 - 2 * inner + fit2, 0.) / self.norm2 if self.norm2 > 0 else 0.
@@ -307,7 +309,7 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: s
     x, err = sweep(prev, lowrun)
     best, bmax = None, 1.
     while True:
-        if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in x): break
+        if not math.isfinite(err): break                             # (the sweep checks its factors)
         if sweep.dtype == torch.float32 and err < 1e-2:
             # the Gram-based error resolves only ~3e-4 in float32: a near-exact fit goes on in float64
             sweep, low, lowrun, best = _CPSweeps(X.double()), False, False, None
@@ -318,7 +320,7 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: s
         last, stalled = err, False
         if beta > 0:
             lowrun = is_low()
-            xn, en = sweep([a + beta * (a - b) for a, b in zip(x, prev)], lowrun); sweeps += 1
+            xn, en = sweep([torch.lerp(b, a, 1 + beta) for a, b in zip(x, prev)], lowrun); sweeps += 1
             if en < err:
                 prev, x, err = x, xn, en
                 beta = min(bmax, beta * 1.05)
