@@ -369,8 +369,10 @@ def _cp_matrix(X, r):
     return lam, facs, err
 
 def cp_sweeps(shape, r) -> int:
-    "The default number of CP-ALS sweeps: 50 for a cheap problem (∏`shape`·`r` < 2²⁶), else 25."
-    return 50 if math.prod(shape) * r < _CP_SMALL else 25
+    """The default number of CP-ALS sweeps by the problem's size n = ∏`shape`·`r`: 100 for a tiny one
+    (n < 2²², e.g. an RGB stem), 50 for a cheap one (n < 2²⁶), else 25."""
+    n = math.prod(shape) * r
+    return 100 if n < 2 ** 22 else 50 if n < _CP_SMALL else 25
 
 def _cp_fit(W, r, n_iter=None, tol=1e-6, seed=0):
     "`cp_factors`'s factors and error, and the rebuilt weight (float64)."
