@@ -202,6 +202,7 @@ def _balance(facs):
     return [f * (share / n.clamp_min(tiny)) for f, n in zip(facs, norms)]
 
 _CP_SMALL = 2 ** 26          # ∏dims·r below which a CP problem is cheap (vgg16_bn's convs up to 128×128×3×3)
+_CP_TAIL = 2                 # the last sweeps in full precision after bfloat16 ones
 
 def _contract(Z, K):
     "Σ_q Z[:, q, :] ⊙ K[q] (no Z-sized temporary)."
@@ -295,16 +296,16 @@ def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: s
     ALS): (weights, factors with unit columns, relative error) of the best of `n_iter` sweeps, in `X`'s
     dtype (float64 once a float32 fit is below 1e-2). Stops early when a sweep improves the error by less than
     `tol`. `low`: the two GEMMs of all but
-    the last 5 sweeps in bfloat16 (default: for float32 tensors with ∏dims·r ≥ 2²⁶ on CPUs with native
+    the last 2 sweeps in bfloat16 (default: for float32 tensors with ∏dims·r ≥ 2²⁶ on CPUs with native
     bfloat16); the best iterate is chosen among the full-precision sweeps."""
     if X.dim() < 2: raise ValueError(f'cp_als needs a tensor of 2 or more modes, got shape {tuple(X.shape)}')
     if low is None: low = X.dtype == torch.float32 and X.numel() * r >= _CP_SMALL and _bf16_gemm_ok()
-    low = bool(low) and n_iter > 5
+    low = bool(low) and n_iter > _CP_TAIL
     gen = torch.Generator().manual_seed(seed)
     sweep = _CPSweeps(X, low)
     prev = _balance(_cp_start(X, r, init, gen))
     sweeps = 1
-    is_low = lambda: low and sweeps <= n_iter - 5                 # the sweep about to run
+    is_low = lambda: low and sweeps <= n_iter - _CP_TAIL          # the sweep about to run
     lowrun = is_low()
     x, err = sweep(prev, lowrun)
     best, bmax = None, 1.
