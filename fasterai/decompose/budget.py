@@ -617,7 +617,7 @@ class Budget_Decomposer:
                   allow_growth: bool = False,    # passed on to the decomposers
                   n_iter: int = 10,              # HOOI iterations (Tucker)
                   tol: float = 1e-4,             # HOOI tolerance (Tucker)
-                  cp_iter: int = 50,             # passed on to `Conv_Decomposer`
+                  cp_iter: int | None = None,    # passed on to `Conv_Decomposer`
                   min_speedup: float | None = None,  # keep only blocks this much faster
                   runtime: str = 'eager',        # budget_on='latency': 'eager' or 'onnxruntime'
                   latency_table=None,            # budget_on='latency': a LatencyTable, or a JSON path

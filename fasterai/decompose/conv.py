@@ -44,7 +44,7 @@ class Conv_Decomposer(Decomposer):
                   allow_growth: bool = False,       # take blocks that do not shrink the layer
                   inplace: bool = False,            # swap the blocks into `model` itself
                   input_shape=None,                 # sample input shape: MACs, check that it runs
-                  cp_iter: int = 50,                # CP-ALS iterations
+                  cp_iter: int | None = None,       # CP-ALS sweeps; None: `cp_sweeps` (25 on large convs, 50 on small)
                   data=None,                        # calibration batches: data-aware factors
                   n_batches: int = 8,               # how many batches of `data` to read
                   sequential: bool = True,          # statistics from the partly decomposed model
@@ -76,8 +76,8 @@ class Conv_Decomposer(Decomposer):
                              "SVD spectrum (use 'tucker', 'svd' or 'spatial')")
         self.ranks = ranks or {}
         self._ranks_keys, self._ranks_alias = set(self.ranks), {}
-        if not (isinstance(cp_iter, int) and cp_iter >= 1):
-            raise ValueError(f'cp_iter must be an int >= 1, got {cp_iter!r}')
+        if not (cp_iter is None or (isinstance(cp_iter, int) and cp_iter >= 1)):
+            raise ValueError(f'cp_iter must be None or an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
         min_speedup = check_min_speedup(min_speedup, input_shape, data)
         store_attr('method,percent_removed,energy_threshold,n_iter,tol,rank,calibration,allow_growth,cp_iter,shrinkage')

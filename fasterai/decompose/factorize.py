@@ -12,7 +12,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'subspace_change',
-           'tucker2', 'tucker2_weight', 'cp_als', 'cp_factors', 'cp_weight', 'mode_matrices', 'spectrum',
+           'tucker2', 'tucker2_weight', 'cp_als', 'cp_sweeps', 'cp_factors', 'cp_weight', 'mode_matrices', 'spectrum',
            'factorize_conv']
 
 # %% ../../nbs/00_factorize.ipynb #c005
@@ -23,7 +23,7 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
 def _as_work(t): return t.detach().to(work_dtype(t))
 
 # %% ../../nbs/00_factorize.ipynb #c007
-from scipy.linalg import blas as _blas, eigh as _sp_eigh
+from scipy.linalg import blas as _blas, eigh as _sp_eigh, cho_factor as _sp_cho_factor, cho_solve as _sp_cho_solve
 
 def _cpu_blas(M): return M.device.type == 'cpu' and M.dtype in (torch.float32, torch.float64)
 
@@ -176,13 +176,6 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
     return torch.cat(parts)
 
 # %% ../../nbs/00_factorize.ipynb #c024
-def _mttkrp(X, facs, n):
-    """The mode-`n` unfolding of `X` times the Khatri–Rao product of the other factors, contracted
-    one mode at a time (never formed)."""
-    letters = 'abcdefgh'[:X.dim()]
-    spec = ','.join([letters] + [f'{l}z' for i, l in enumerate(letters) if i != n]) + f'->{letters[n]}z'
-    return torch.einsum(spec, X, *[f for i, f in enumerate(facs) if i != n])
-
 def _cp_start(X, r, init, gen):
     """Starting factors: the leading left singular vectors of each unfolding (random columns past
     its size), or random."""
@@ -195,60 +188,234 @@ def _cp_start(X, r, init, gen):
         facs.append(U)
     return facs
 
-def cp_als(X: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, init: str = 'svd',
-           seed: int = 0):
-    """CP-ALS of a float64 tensor `X` with ‖X‖ = 1 at rank `r`: (weights, factors with unit columns,
-    relative error) of the best iterate. Each mode update solves its normal equations with the
-    Hadamard product of the other factors' Grams; the error comes from those Grams and the last
-    product, so no iterate is rebuilt."""
-    gen = torch.Generator().manual_seed(seed)
-    facs = _cp_start(X, r, init, gen)
-    grams = [f.T @ f for f in facs]
-    best, prev = None, math.inf
-    for _ in range(max(n_iter, 1)):
-        for n in range(X.dim()):
-            V = math.prod(g for i, g in enumerate(grams) if i != n)
-            M = _mttkrp(X, facs, n)
-            # non-finite iterates are caught below
-            A = M @ torch.linalg.pinv(V, hermitian=True)
-            lam = A.norm(dim=0)
-            A = A / torch.where(lam > 0, lam, torch.ones_like(lam))
-            facs[n], grams[n] = A, A.T @ A
-        # ⟨X, X̂⟩ from the last mode's product
-        inner = float((M * A).sum(0) @ lam)
-        fit2 = float(lam @ (math.prod(grams) @ lam))                          # ‖X̂‖²
-        err = math.sqrt(max(1 - 2 * inner + fit2, 0.))
-        if not math.isfinite(err) or not all(torch.isfinite(f).all() for f in facs): break
-        if best is None or err < best[2]: best = (lam.clone(), [f.clone() for f in facs], err)
-        if abs(prev - err) < tol: break
-        prev = err
-    return best
+def _khatri_rao(mats, r, dtype):
+    "Rows (i, j, ...) in row-major order: the products of the rows of `mats` (a 1×r row of ones for none)."
+    K = torch.ones(1, r, dtype=dtype)
+    for A in mats: K = (K[:, None, :] * A[None, :, :]).reshape(-1, r)
+    return K
 
-def cp_factors(W: torch.Tensor, r: int, n_iter: int = 50, tol: float = 1e-6, seed: int = 0):
-    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by CP-ALS (`cp_als`), from an
-    SVD start and, when that ends above 50% error, also from a random one. Returns (factors,
-    rel_error): one matrix per mode (T×r with the weights folded in, S×r, k_i×r), float64 on the
-    CPU."""
-    X = W.detach().to('cpu', torch.float64)
-    norm = float(torch.linalg.vector_norm(X))
-    if norm == 0: return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0
-    best = None
-    for init in ('svd', 'random'):
-        res = cp_als(X / norm, r, n_iter, tol, init, seed)
-        if res is not None and (best is None or res[2] < best[2]): best = res
-        if best is not None and best[2] < 0.5: break
+def _balance(facs):
+    "The same tensor with each rank-1 term's norm spread evenly over its factors."
+    norms = torch.stack([f.norm(dim=0) for f in facs])
+    tiny = torch.finfo(facs[0].dtype).tiny
+    share = norms.clamp_min(tiny).log().mean(0).exp()
+    return [f * (share / n.clamp_min(tiny)) for f, n in zip(facs, norms)]
+
+_CP_SMALL = 2 ** 26          # ∏dims·r below which a CP problem is cheap (vgg16_bn's convs up to 128×128×3×3)
+_CP_TAIL = 2                 # the last sweeps in full precision after bfloat16 ones
+
+def _contract(Z, K):
+    "Σ_q Z[:, q, :] ⊙ K[q] (no Z-sized temporary)."
+    M = Z[:, 0] * K[0]
+    for q in range(1, K.shape[0]): M.addcmul_(Z[:, q], K[q])
+    return M
+
+class _CPSweeps:
+    """ALS sweeps over the modes in order for a tensor `X` of 2 or more modes. Modes 0 and 1 take one
+    GEMM each with the other; the rest (the kernel modes of a conv) reuse the second GEMM's product."""
+    def __init__(self, X, low=False):
+        self.shape, self.dtype = X.shape, X.dtype
+        d0, d1, rest = X.shape[0], X.shape[1], list(range(2, X.dim()))
+        self.X0 = X.permute(0, *rest, 1).reshape(-1, d1)           # rows (i0, rest)
+        self.X1 = X.permute(1, *rest, 0).reshape(-1, d0)           # rows (i1, rest)
+        # bfloat16 copies for the early sweeps' GEMMs (float32 accumulation)
+        self.low = (self.X0.bfloat16(), self.X1.bfloat16()) if low else None
+        self.norm2 = float(torch.linalg.vector_norm(X, dtype=torch.float64)) ** 2
+
+    def _mm(self, i, F, low):
+        if low and self.low is not None: return (self.low[i] @ F.bfloat16()).to(self.dtype)
+        return (self.X0, self.X1)[i] @ F
+
+    @staticmethod
+    def _gram(A):
+        "The upper triangle of Aᵀ A (zeros below); the BLAS rank-k update when A is a large CPU float matrix."
+        if not (_cpu_blas(A) and A.is_contiguous() and A.shape[1] >= 256): return (A.T @ A).triu()
+        syrk = _blas.ssyrk if A.dtype == torch.float32 else _blas.dsyrk
+        return torch.from_numpy(syrk(1.0, A.numpy().T, trans=0))    # Fortran view of Aᵀ: no copy
+
+    @staticmethod
+    def _solve(M, V):
+        """M V⁻¹ for the symmetric V given by its upper triangle: Cholesky (LAPACK, reading that triangle),
+        else with a small ridge in float64, else the pseudo-inverse."""
+        if _cpu_blas(V):
+            try:
+                c = _sp_cho_factor(V.numpy(), lower=False, check_finite=False)
+                A = torch.from_numpy(_sp_cho_solve(c, M.numpy().T, check_finite=False).T)
+                if torch.isfinite(A).all(): return A
+            except np.linalg.LinAlgError: pass
+        else:
+            L, info = torch.linalg.cholesky_ex(V, upper=True)
+            if int(info) == 0: return torch.cholesky_solve(M.T, L, upper=True).T
+        Vd = V.double().triu()
+        Vd = Vd + Vd.triu(1).T
+        ridge = Vd.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10
+        L, info = torch.linalg.cholesky_ex(Vd + ridge * torch.eye(len(Vd), dtype=Vd.dtype))
+        A = torch.cholesky_solve(M.double().T, L).T if int(info) == 0 else \
+            M.double() @ torch.linalg.pinv(Vd, hermitian=True)
+        return A.to(M.dtype)
+
+    def __call__(self, facs, low=False):
+        """One sweep from `facs`: the new (balanced) factors and their relative error; `low`: the two
+        GEMMs in bfloat16 (when built with `low`)."""
+        facs = list(facs)
+        d0, d1, *small = self.shape
+        r, N, Q = facs[0].shape[1], len(facs), math.prod(small)
+        grams = [None] + [self._gram(f) for f in facs[1:]]                     # A₀'s Gram is not needed first
+        hada = lambda skip: math.prod(g for i, g in enumerate(grams) if i != skip)
+        K = _khatri_rao(facs[2:], r, self.dtype)                   # Q×r
+        M = _contract(self._mm(0, facs[1], low).reshape(d0, Q, r), K)
+        facs[0] = self._solve(M, hada(0)); grams[0] = self._gram(facs[0])
+        Z = self._mm(1, facs[0], low).reshape(d1, Q, r)
+        M = _contract(Z, K)
+        facs[1] = self._solve(M, hada(1)); grams[1] = self._gram(facs[1])
+        if N > 2:
+            Y = (Z * facs[1][:, None, :]).sum(0).reshape(*small, r)     # X ×₀ A₀ ×₁ A₁
+            for n in range(2, N):
+                M = Y
+                for m in reversed(range(2, N)):                         # contract the other kernel modes
+                    if m != n: M = (M * facs[m].reshape(*[1] * (m - 2), -1, *[1] * (N - 1 - m), r)).sum(m - 2, keepdim=True)
+                M = M.reshape(-1, r)
+                facs[n] = self._solve(M, hada(n)); grams[n] = self._gram(facs[n])
+        # ⟨X, X̂⟩ from the last mode's product, ‖X̂‖² from the Grams
+        inner = float((M.double() * facs[-1].double()).sum())
+        # a non-finite factor shows in its Gram's diagonal (its column norms²)
+        if not all(bool(torch.isfinite(g.diagonal()).all()) for g in grams): return facs, math.nan
+        P = math.prod(g.double() for g in grams)                         # upper triangle of the Hadamard
+        fit2 = float(2 * P.sum() - P.diagonal().sum())
+        err2 = max(self.norm2 - 2 * inner + fit2, 0.) / self.norm2 if self.norm2 > 0 else 0.
+        return _balance(facs), math.sqrt(err2)
+
+def _bf16_gemm_ok():
+    "Whether this CPU has native bfloat16 GEMMs (else they are emulated and slower than float32)."
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception: return False
+
+def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: str = 'svd',
+           seed: int = 0, beta: float = 0.9, low: bool | None = None):
+    """CP-ALS of a tensor `X` (2 or more modes) with ‖X‖ = 1 at rank `r`, extrapolated by `beta` (0: plain
+    ALS): (weights, factors with unit columns, relative error) of the best of `n_iter` sweeps, in `X`'s
+    dtype (float64 once a float32 fit is below 1e-2). Stops early when a sweep improves the error by less than
+    `tol`. `low`: the two GEMMs of all but
+    the last 2 sweeps in bfloat16 (default: for float32 tensors with ∏dims·r ≥ 2²⁶ on CPUs with native
+    bfloat16); the best iterate is chosen among the full-precision sweeps."""
+    if X.dim() < 2: raise ValueError(f'cp_als needs a tensor of 2 or more modes, got shape {tuple(X.shape)}')
+    if low is None: low = X.dtype == torch.float32 and X.numel() * r >= _CP_SMALL and _bf16_gemm_ok()
+    low = bool(low) and n_iter > _CP_TAIL
+    gen = torch.Generator().manual_seed(seed)
+    sweep = _CPSweeps(X, low)
+    prev = _balance(_cp_start(X, r, init, gen))
+    sweeps = 1
+    is_low = lambda: low and sweeps <= n_iter - _CP_TAIL          # the sweep about to run
+    lowrun = is_low()
+    x, err = sweep(prev, lowrun)
+    best, bmax = None, 1.
+    while True:
+        if not math.isfinite(err): break                             # (the sweep checks its factors)
+        if sweep.dtype == torch.float32 and err < 1e-2:
+            # the Gram-based error resolves only ~3e-4 in float32: a near-exact fit goes on in float64
+            sweep, low, lowrun, best = _CPSweeps(X.double()), False, False, None
+            prev, (x, err) = [f.double() for f in x], sweep([f.double() for f in x]); sweeps += 1
+            continue
+        if not lowrun and (best is None or err < best[0]): best = (err, x)
+        if sweeps >= n_iter: break
+        last, stalled = err, False
+        if beta > 0:
+            lowrun = is_low()
+            xn, en = sweep([torch.lerp(b, a, 1 + beta) for a, b in zip(x, prev)], lowrun); sweeps += 1
+            if en < err:
+                prev, x, err = x, xn, en
+                beta = min(bmax, beta * 1.05)
+                stalled = last - err < tol
+            else:
+                # rejected: remember where it failed, retreat, and take a plain sweep
+                bmax, beta = beta, beta / 1.5
+                if sweeps >= n_iter: break
+                lowrun = is_low()
+                prev, (x, err) = x, sweep(x, lowrun); sweeps += 1
+                stalled = math.isfinite(err) and abs(last - err) < tol
+        else:
+            lowrun = is_low()
+            prev, (x, err) = x, sweep(x, lowrun); sweeps += 1
+            stalled = math.isfinite(err) and abs(last - err) < tol
+        if stalled and lowrun: low = False                           # finish in full precision
+        elif stalled:
+            if math.isfinite(err) and (best is None or err < best[0]): best = (err, x)
+            break
+    if best is None: return None
+    err, facs = best
+    norms = [f.norm(dim=0) for f in facs]
+    lam = math.prod(norms)
+    facs = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(facs, norms)]
+    return lam, facs, err
+
+def _cp_matrix(X, r):
+    """Best rank-`r` CP of a tensor with at most two modes longer than 1: the truncated SVD (zero terms
+    past the matrix rank). Same return as `cp_als`."""
+    long = [i for i, d in enumerate(X.shape) if d > 1] or [0]
+    M = X.reshape(X.shape[long[0]], -1)
+    k = min(r, *M.shape)
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    facs = []
+    for i, d in enumerate(X.shape):
+        f = torch.zeros(d, r, dtype=X.dtype)
+        if i == long[0]: f[:, :k] = U[:, :k]
+        elif len(long) > 1 and i == long[1]: f[:, :k] = Vh[:k].T
+        else: f[:] = 1.
+        if i == long[0] and len(long) == 1: f[:, :k] *= Vh[:k, 0]          # the sign of a 1-long matrix
+        if d > 1 and k < r: f[0, k:] = 1.                               # unit columns for the zero terms
+        facs.append(f)
+    lam = torch.zeros(r, dtype=X.dtype); lam[:k] = s[:k]
+    norm2 = float(s.double().pow(2).sum())
+    err = math.sqrt(max(norm2 - float(s[:k].double().pow(2).sum()), 0.) / norm2) if norm2 > 0 else 0.
+    return lam, facs, err
+
+def cp_sweeps(shape, r) -> int:
+    """The default number of CP-ALS sweeps by the problem's size n = ∏`shape`·`r`: 100 for a tiny one
+    (n < 2²², e.g. an RGB stem), 50 for a cheap one (n < 2²⁶), else 25."""
+    n = math.prod(shape) * r
+    return 100 if n < 2 ** 22 else 50 if n < _CP_SMALL else 25
+
+def _cp_fit(W, r, n_iter=None, tol=1e-6, seed=0):
+    "`cp_factors`'s factors and error, and the rebuilt weight (float64)."
+    X = W.detach().to('cpu', work_dtype(W))
+    if n_iter is None: n_iter = cp_sweeps(X.shape, r)
+    norm = float(torch.linalg.vector_norm(X, dtype=torch.float64))
+    if norm == 0:
+        return [torch.zeros(d, r, dtype=torch.float64) for d in X.shape], 0.0, torch.zeros(X.shape, dtype=torch.float64)
+    Xn = X / norm
+    if sum(d > 1 for d in X.shape) <= 2: best = _cp_matrix(W.detach().to('cpu', torch.float64) / norm, r)
+    else:
+        best = None
+        # the random restart guards small tensors against a poor SVD start; on large ones it would double the cost
+        inits = ('svd', 'random') if X.numel() * r < _CP_SMALL else ('svd',)
+        for init in inits:
+            res = cp_als(Xn, r, n_iter, tol, init, seed)
+            if res is not None and (best is None or res[2] < best[2]): best = res
+            if best is not None and best[2] < 0.5: break
     if best is None: raise FloatingPointError('CP-ALS did not produce finite factors')
-    lam, facs, err = best
+    lam, facs, _ = best
+    facs = [f.double() for f in facs]
     # fold λ·‖W‖ into the output factor
-    facs[0] = facs[0] * (lam * norm)
-    return facs, float(err)
+    facs[0] = facs[0] * (lam.double() * norm)
+    Wh = cp_weight(facs)
+    err = float(torch.linalg.vector_norm(Wh - W.detach().to('cpu', torch.float64)) / norm)
+    return facs, err, Wh
+
+def cp_factors(W: torch.Tensor, r: int, n_iter: int | None = None, tol: float = 1e-6, seed: int = 0):
+    """CP decomposition of a conv weight `W` (T, S, *k) at rank `r` by extrapolated CP-ALS (`cp_als`, in
+    `W`'s work dtype), from an SVD start and, when that ends above 50% error on a small tensor
+    (∏dims·r < 2²⁶), also from a random one; the truncated SVD when `W` has at most two modes longer than 1
+    (a 1×1 conv). `n_iter`: sweeps, by default `cp_sweeps`. Returns (factors, rel_error): one matrix per mode (T×r with the weights folded in, S×r,
+    k_i×r), float64 on the CPU; the error is recomputed from the factors in float64."""
+    facs, err, _ = _cp_fit(W, r, n_iter, tol, seed)
+    return facs, err
 
 def cp_weight(facs):
-    "Rebuild the tensor from CP factors."
-    letters = 'abcdefgh'[:len(facs)]
-    return torch.einsum(','.join(f'{l}z' for l in letters) + '->' + letters, *facs)
+    "Rebuild the tensor from CP factors (one GEMM with the Khatri–Rao product of all but the first)."
+    r = facs[0].shape[1]
+    return (facs[0] @ _khatri_rao(facs[1:], r, facs[0].dtype).T).reshape(*[f.shape[0] for f in facs])
 
-# %% ../../nbs/00_factorize.ipynb #c027
+# %% ../../nbs/00_factorize.ipynb #c029
 def mode_matrices(W, method, groups=1):
     "Per rank slot, the matrices (one per group) whose spectra set that slot's rank."
     T, Sg, *k = W.shape
@@ -269,8 +436,8 @@ def spectrum(M):
     if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
     return leading_subspace(M, 0)[1]
 
-# %% ../../nbs/00_factorize.ipynb #c029
-def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
+# %% ../../nbs/00_factorize.ipynb #c031
+def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=None):
     "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
     T = W.shape[0]
     if method == 'tucker':
@@ -290,5 +457,5 @@ def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=50):
                         zip(vert.reshape(groups, r, *vert.shape[1:]),
                             hor.reshape(groups, T // groups, r, *hor.shape[2:]))])
         return (vert, hor), Wh
-    facs, _ = cp_factors(W, ranks[0], n_iter=cp_iter)
-    return (facs,), cp_weight(facs)
+    facs, _, Wh = _cp_fit(W, ranks[0], n_iter=cp_iter)
+    return (facs,), Wh
