@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 from fasterai.decompose.all import *
-from fasterai.decompose.distill import distill, DistillLoss, Staged_Decomposer, merge_blocks, DistillCallback
+from fasterai.decompose.distill import distill, DistillLoss, Staged_Decomposer, merge_blocks, DistillCallback, decomposed_names
 
 def toy(seed=0):
     "A fixed toy problem: a teacher MLP, a student made by cutting its Linears to rank 2, 8 batches of inputs."
@@ -22,7 +22,8 @@ def snapshot(m): return {k: v.clone() for k, v in m.state_dict().items()}, [p.re
 
 # the last factor: how far the loss must fall (a rank-cut layer matched on its own output has a floor: its best rank-k fit)
 @pytest.mark.parametrize('kw,factor', [(dict(loss='mse'), 0.7), (dict(loss='kl'), 0.7),
-                                       (dict(loss='cosine+mse', layers='decomposed'), 0.7), (dict(loss=None, layers=['0', '2']), 0.9)])
+                                       (dict(loss='cosine+mse', layers='decomposed'), 0.7), (dict(loss=None, layers=['0', '2']), 0.9),
+                                       (dict(layers='decomposed', local='teacher'), 0.9), (dict(layers='decomposed', local='student', warmup=0.1), 0.9)])
 def test_teacher_untouched_hooks_removed_loss_decreases(kw, factor):
     teacher, student, data = toy()
     teacher.train()                                              # a teacher left in train mode stays in train mode
@@ -119,3 +120,13 @@ def test_fastai_unlabeled_and_labeled():
         assert no_hooks(teacher, learn.model)
     sd, rg, tr = before
     assert all(torch.equal(sd[k], v) for k, v in teacher.state_dict().items()) and [p.requires_grad for p in teacher.parameters()] == rg
+
+def test_trainable_decomposed():
+    "Only the decomposed blocks' parameters move (end to end and local); the frozen ones get requires_grad back."
+    teacher, student, data = toy()
+    student[0], student[4] = copy.deepcopy(teacher[0]), copy.deepcopy(teacher[4])      # dense layers beside a block
+    for kw in (dict(loss='mse'), dict(layers='decomposed', local='teacher')):
+        out = distill(student, teacher, data, epochs=2, lr=1e-2, trainable='decomposed', **kw)
+        moved = {n for n, p in out.named_parameters() if not torch.equal(p, student.get_parameter(n))}
+        assert moved and all(n.startswith('2.') for n in moved), moved
+        assert all(p.requires_grad for p in out.parameters())

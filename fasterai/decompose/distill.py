@@ -6,14 +6,14 @@ Docs: https://fasterai.github.io/fasterai/distill.html.md"""
 
 # %% ../../nbs/19_distill.ipynb #c003
 from __future__ import annotations
-import copy, inspect, time
+import copy, inspect, math, time
 from collections.abc import Mapping
 import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
 from .blocks import LowRankBlock, LowRankLinear, n_params
-from .batches import iter_batches, run_model, model_device, token_mask, eval_mode, _is_fastai_dls
+from .batches import iter_batches, run_model, model_device, token_mask, eval_mode, _is_fastai_dls, _to
 from .core import check_names
 from fastcore.basics import patch
 from fastai.learner import Learner
@@ -22,9 +22,10 @@ from fastai.torch_core import find_bs
 from fastai.callback.schedule import *
 
 # %% auto #0
-__all__ = ['LOSSES', 'LAYER_LOSSES', 'first_tensor', 'select_output', 'relative_mse', 'cosine_loss', 'kl_loss', 'output_loss',
-           'decomposed_names', 'match_layers', 'check_distill_args', 'check_pair', 'DistillLoss', 'distill',
-           'merged_linear', 'merge_blocks', 'Staged_Decomposer', 'DistillCallback']
+__all__ = ['LOSSES', 'LAYER_LOSSES', 'LOCAL_INPUTS', 'TRAINABLE', 'first_tensor', 'select_output', 'relative_mse', 'cosine_loss',
+           'kl_loss', 'output_loss', 'decomposed_names', 'match_layers', 'check_distill_args', 'check_pair',
+           'DistillLoss', 'LocalDistillLoss', 'distill', 'merged_linear', 'merge_blocks', 'Staged_Decomposer',
+           'DistillCallback']
 
 # %% ../../nbs/19_distill.ipynb #c006
 LOSSES = ('kl', 'cosine', 'mse', 'cosine+mse')
@@ -203,6 +204,75 @@ class DistillLoss:
         return total, parts
 
 # %% ../../nbs/19_distill.ipynb #c015
+LOCAL_INPUTS = ('teacher', 'student')
+
+class LocalDistillLoss:
+    """Block-local distillation: each module of `layers` in the student, run on the input that the
+    same module got in the teacher (`inputs='teacher'`) or in the student (`inputs='student'`), is
+    compared with the teacher module's output (`layer_loss`: relative MSE or cosine); the loss is
+    the mean over the modules. Inputs and outputs are caught by forward hooks while `recording`."""
+    def __init__(self, student, teacher, layers, layer_loss: str = 'mse', inputs: str = 'teacher'):
+        check_pair(student, teacher)
+        if inputs not in LOCAL_INPUTS: raise ValueError(f'local must be one of {LOCAL_INPUTS} or None, got {inputs!r}')
+        if layer_loss not in LAYER_LOSSES: raise ValueError(f'layer_loss must be one of {LAYER_LOSSES}, got {layer_loss!r}')
+        given = [layers] if isinstance(layers, str) else list(layers or [])
+        nested = [a for a in given for b in given if a != b and str(a).startswith(f'{b}.')]
+        if nested: raise ValueError(f'with local distillation the layers must not hold one another: {nested[:3]} '
+                                    'are inside other modules of the list')
+        self.names = match_layers(student, teacher, layers)
+        if not self.names: raise ValueError('local distillation needs layers= (the modules to train each on its own)')
+        self.student, self.teacher, self.layers, self.layer_loss, self.inputs = student, teacher, layers, layer_loss, inputs
+        self.t_io, self.s_in, self.handles, self.recording = {}, {}, [], False
+
+    def _hook(self, store, name, keep_out):
+        def f(m, args, kwargs, out):
+            if not self.recording: return
+            # cloned: an in-place op after the module (ReLU(inplace=True)) would change it
+            store.setdefault(name, []).append((args, kwargs, first_tensor(out).detach().clone() if keep_out else None))
+        return f
+
+    def attach(self):
+        "Register the forward hooks (on the teacher's modules; on the student's too with `inputs='student'`)."
+        self.remove()
+        s_mods, t_mods = dict(self.student.named_modules()), dict(self.teacher.named_modules())
+        for n in self.names:
+            self.handles.append(t_mods[n].register_forward_hook(self._hook(self.t_io, n, True), with_kwargs=True))
+            if self.inputs == 'student':
+                self.handles.append(s_mods[n].register_forward_hook(self._hook(self.s_in, n, False), with_kwargs=True))
+        return self
+
+    def remove(self):
+        "Remove every hook and forget what was caught."
+        for h in self.handles: h.remove()
+        self.handles = []; self.clear()
+
+    def clear(self): self.t_io.clear(); self.s_in.clear()
+
+    def __call__(self, item):
+        "The loss (a tensor) and its parts (floats) on one item of `iter_batches`."
+        mask = token_mask(item)
+        self.clear(); self.recording = True
+        try:
+            with eval_mode(self.teacher): run_model(self.teacher, item)
+            if self.inputs == 'student':
+                with torch.no_grad(): run_model(self.student, item)
+        finally: self.recording = False
+        f = relative_mse if self.layer_loss == 'mse' else cosine_loss
+        s_mods, dev = dict(self.student.named_modules()), model_device(self.student)
+        terms = []
+        for n in self.names:
+            ts, src = self.t_io.get(n, []), self.s_in.get(n, []) if self.inputs == 'student' else self.t_io.get(n, [])
+            if not ts or len(src) != len(ts):
+                raise RuntimeError(f'layer {n!r} ran {len(src)} time(s) in the student and {len(ts)} in the teacher')
+            for (a, k, _), (_, _, t) in zip(src, ts):
+                if dev is not None: a, k = _to(a, dev), _to(k, dev)
+                s = first_tensor(s_mods[n](*a, **k))
+                terms.append(f(s, t.to(s.device), mask))
+        self.clear()
+        lo = torch.stack(terms).mean()
+        return lo, {'layer_loss': lo.item()}
+
+# %% ../../nbs/19_distill.ipynb #c018
 def _n_steps(data, n_batches, epochs, max_steps):
     "The number of optimizer steps, when the data has a length (for the learning-rate schedule)."
     src = data.train if _is_fastai_dls(data) else data
@@ -213,51 +283,77 @@ def _n_steps(data, n_batches, epochs, max_steps):
     total = n * epochs
     return total if max_steps is None else min(total, max_steps)
 
+def _lr_factor(step, total, warm, sched):
+    "The learning-rate factor at `step`: linear warm-up over `warm` steps, then cosine decay to `total` (or flat)."
+    if step < warm: return (step + 1) / (warm + 1)
+    if sched is None or not total: return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+TRAINABLE = ('all', 'decomposed')
+
 def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, lr: float = 1e-4,
             layers=None, loss='mse', layer_loss: str = 'mse', output=None, temperature: float = 2.0,
             output_weight: float = 1.0, layer_weight: float = 1.0, n_batches: int | None = None,
             max_steps: int | None = None, weight_decay: float = 0.0, sched: str | None = 'cos',
+            warmup: float = 0.0, local: str | None = None, trainable: str = 'all',
             mode: str = 'train', seed: int | None = None, inplace: bool = False,
             on_step=None, history: list | None = None) -> nn.Module:
     """Train `student` to reproduce `teacher` on the unlabeled batches of `data` (targets, if any,
     are ignored) with AdamW at `lr` for `epochs` (at most `max_steps` steps), and return it (a
-    trained copy unless `inplace`). The loss is `DistillLoss`'s; the teacher runs in eval mode
-    under `torch.no_grad()` and is never changed. `on_step(record)` is called after each step with
-    the step's losses (and may return True to stop); `history`, a list, receives the records."""
+    trained copy unless `inplace`). The loss is `DistillLoss`'s, or `LocalDistillLoss`'s when
+    `local` is 'teacher' or 'student' (each module of `layers` trained on its own); the teacher runs
+    in eval mode under `torch.no_grad()` and is never changed. The learning rate rises linearly over
+    the first `warmup` share of the steps, then follows `sched`. `trainable='decomposed'` trains
+    only the parameters of the decomposed blocks (the others are frozen for the run). `on_step(record)`
+    is called after each step with the step's losses (and may return True to stop); `history`, a
+    list, receives the records."""
     if not (isinstance(epochs, int) and epochs >= 1): raise ValueError(f'epochs must be an int >= 1, got {epochs!r}')
     if not lr > 0: raise ValueError(f'lr must be > 0, got {lr!r}')
     if mode not in ('train', 'eval'): raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
     if sched not in (None, 'cos'): raise ValueError(f"sched must be 'cos' or None, got {sched!r}")
     if max_steps is not None and max_steps < 1: raise ValueError(f'max_steps must be >= 1 or None, got {max_steps!r}')
+    if not 0 <= warmup < 1: raise ValueError(f'warmup must be a share of the steps in [0, 1), got {warmup!r}')
+    if trainable not in TRAINABLE: raise ValueError(f'trainable must be one of {TRAINABLE}, got {trainable!r}')
     check_pair(student, teacher)
     if not inplace: student = copy.deepcopy(student)
-    crit = DistillLoss(student, teacher, layers, loss, layer_loss, output, temperature, output_weight, layer_weight)
-    params = [p for p in student.parameters() if p.requires_grad]
+    if local is None: crit = DistillLoss(student, teacher, layers, loss, layer_loss, output, temperature, output_weight, layer_weight)
+    else: crit = LocalDistillLoss(student, teacher, layers, layer_loss, local)
+    frozen = []
+    if trainable == 'decomposed':
+        low = decomposed_names(student)
+        if not low: raise ValueError("trainable='decomposed': the student has no decomposed block")
+        frozen = [p for n, p in student.named_parameters() if p.requires_grad and not any(n.startswith(b + '.') for b in low)]
+    params = [p for p in student.parameters() if p.requires_grad and not any(p is q for q in frozen)]
     if not params: raise ValueError('the student has no parameter with requires_grad=True: nothing to train')
     next(iter_batches(data, 0), None)          # a bad `data` fails here, before any training
     modes = {m: m.training for m in student.modules()}
     dev = model_device(student)
     devices = [dev] if dev is not None and dev.type == 'cuda' else []
     total = _n_steps(data, n_batches, epochs, max_steps)
+    if warmup and not total: raise ValueError('warmup needs a known number of steps: data with a length, or max_steps')
+    warm = int(warmup * total) if total else 0
     step = 0
     try:
+        for p in frozen: p.requires_grad_(False)
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None: torch.manual_seed(seed)
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-            sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if sched == 'cos' and total else None
+            sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, total, warm, sched))
             crit.attach()
             student.train(mode == 'train')
             stop = False
             for epoch in range(epochs):
                 for item in iter_batches(data, n_batches):
-                    crit.recording = True
-                    t_out = crit.teacher_forward(item)
-                    s_out = run_model(student, item)
-                    crit.recording = False
-                    lo, parts = crit(s_out, t_out, item)
-                    del t_out, s_out
+                    if local is None:
+                        crit.recording = True
+                        t_out = crit.teacher_forward(item)
+                        s_out = run_model(student, item)
+                        crit.recording = False
+                        lo, parts = crit(s_out, t_out, item)
+                        del t_out, s_out
+                    else: lo, parts = crit(item)
                     opt.zero_grad(set_to_none=True); lo.backward(); opt.step()
-                    if sch is not None and step < total - 1: sch.step()
+                    if total is None or step < total - 1: sch.step()
                     step += 1
                     rec = dict(step=step, epoch=epoch, loss=lo.item(), **parts)
                     if history is not None: history.append(rec)
@@ -267,10 +363,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, lr: f
     finally:
         crit.recording = False
         crit.remove()
+        for p in frozen: p.requires_grad_(True)
         for m, t in modes.items(): m.training = t
     return student
 
-# %% ../../nbs/19_distill.ipynb #c021
+# %% ../../nbs/19_distill.ipynb #c026
 @torch.no_grad()
 def merged_linear(block: nn.Module) -> nn.Linear:
     """The dense `nn.Linear` that a decomposed Linear block computes (its factors multiplied out, in
@@ -301,7 +398,7 @@ def merge_blocks(model: nn.Module, inplace: bool = False) -> nn.Module:
         setattr(mods[parent] if parent else model, child, merged_linear(mods[n]))
     return model
 
-# %% ../../nbs/19_distill.ipynb #c023
+# %% ../../nbs/19_distill.ipynb #c028
 def _per_stage(kw, n, arg):
     "`kw` (a dict, or a list of `n` dicts) as a list of `n` dicts."
     if kw is None: return [{} for _ in range(n)]
@@ -352,7 +449,7 @@ class Staged_Decomposer:
         self.report = pd.concat(reports, ignore_index=True)
         return student
 
-# %% ../../nbs/19_distill.ipynb #c027
+# %% ../../nbs/19_distill.ipynb #c032
 class DistillCallback(Callback):
     """Train the Learner's model to reproduce `teacher`: the Learner's loss is replaced by the
     distillation loss (`DistillLoss`, same arguments), the targets are ignored (batches without any
@@ -401,7 +498,7 @@ class DistillCallback(Callback):
 
     def after_fit(self): self.remove()
 
-# %% ../../nbs/19_distill.ipynb #c028
+# %% ../../nbs/19_distill.ipynb #c033
 @patch
 def distill(self: Learner, teacher: nn.Module, epochs: int = 1, lr: float = 1e-3, **kwargs):
     """Fit `self.model` for `epochs` (one-cycle, max `lr`) to reproduce `teacher` with a
