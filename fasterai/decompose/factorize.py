@@ -7,13 +7,14 @@ Docs: https://fasterai.github.io/fasterai/factorize.html.md"""
 # %% ../../nbs/00_factorize.ipynb #c003
 from __future__ import annotations
 import math
+from contextlib import contextmanager
 import torch
 import numpy as np
 
 # %% auto #0
 __all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'subspace_change',
-           'tucker2', 'tucker2_weight', 'cp_als', 'cp_sweeps', 'cp_factors', 'cp_weight', 'mode_matrices', 'spectrum',
-           'factorize_conv']
+           'tucker2', 'tucker2_weight', 'cp_als', 'cp_sweeps', 'one_blas_thread', 'cp_factors', 'cp_weight',
+           'mode_matrices', 'spectrum', 'factorize_conv']
 
 # %% ../../nbs/00_factorize.ipynb #c005
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -375,6 +376,15 @@ def cp_sweeps(shape, r) -> int:
     n = math.prod(shape) * r
     return 100 if n < 2 ** 22 else 50 if n < _CP_SMALL else 25
 
+@contextmanager
+def one_blas_thread():
+    """SciPy's BLAS/LAPACK (the Cholesky solves and `syrk` Grams of `cp_als`) on one thread inside, while torch keeps
+    its own: with both pools at 2 threads on a 2-core machine they take each other's cores (vgg16_bn's CP: 56 s against
+    24 s with SciPy's on one thread, `bench/README.md`). A no-op without `threadpoolctl`."""
+    try: from threadpoolctl import threadpool_limits
+    except ImportError: yield; return
+    with threadpool_limits(limits=1, user_api='blas'): yield
+
 def _cp_fit(W, r, n_iter=None, tol=1e-6, seed=0):
     "`cp_factors`'s factors and error, and the rebuilt weight (float64)."
     X = W.detach().to('cpu', work_dtype(W))
@@ -389,7 +399,7 @@ def _cp_fit(W, r, n_iter=None, tol=1e-6, seed=0):
         # the random restart guards small tensors against a poor SVD start; on large ones it would double the cost
         inits = ('svd', 'random') if X.numel() * r < _CP_SMALL else ('svd',)
         for init in inits:
-            res = cp_als(Xn, r, n_iter, tol, init, seed)
+            with one_blas_thread(): res = cp_als(Xn, r, n_iter, tol, init, seed)
             if res is not None and (best is None or res[2] < best[2]): best = res
             if best is not None and best[2] < 0.5: break
     if best is None: raise FloatingPointError('CP-ALS did not produce finite factors')
