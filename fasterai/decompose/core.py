@@ -153,13 +153,21 @@ def machine_busy() -> bool:
 
 @contextmanager
 def calm_threads(device='cpu'):
-    "One intra-op thread for the work inside, while the machine is busy and the work is on the CPU."
+    """One intra-op thread for the work inside, torch's and SciPy's BLAS alike, while the machine is busy and the
+    work is on the CPU."""
     n = torch.get_num_threads()
     calm = torch.device(device).type == 'cpu' and n > 1 and machine_busy()
-    if calm: torch.set_num_threads(1)
+    limits = None
+    if calm:
+        torch.set_num_threads(1)
+        try:
+            from threadpoolctl import threadpool_limits
+            limits = threadpool_limits(limits=1, user_api='blas')
+        except ImportError: pass
     try: yield calm
     finally:
         if calm: torch.set_num_threads(n)
+        if limits is not None: limits.restore_original_limits()
 
 # %% ../../nbs/09_core.ipynb #c015
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
