@@ -159,15 +159,16 @@ def calm_threads(device='cpu'):
     calm = torch.device(device).type == 'cpu' and n > 1 and machine_busy()
     limits = None
     if calm:
-        torch.set_num_threads(1)
+        # SciPy's BLAS first: threadpoolctl puts back what it found, so it must find torch's threads as they were
         try:
             from threadpoolctl import threadpool_limits
             limits = threadpool_limits(limits=1, user_api='blas')
         except ImportError: pass
+        torch.set_num_threads(1)
     try: yield calm
     finally:
-        if calm: torch.set_num_threads(n)
         if limits is not None: limits.restore_original_limits()
+        if calm: torch.set_num_threads(n)
 
 # %% ../../nbs/09_core.ipynb #c015
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
