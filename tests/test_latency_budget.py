@@ -182,3 +182,19 @@ def test_a_plan_slower_than_dense_is_never_kept(clock):
         out = d.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
     assert all(c['measured'] > 1 or c['planned'] == pytest.approx(1) for c in d.calibration)
     assert not any(isinstance(x, LowRankBlock) for x in out.modules()) and d.latency['measured_share'] == pytest.approx(1)
+
+
+def test_an_auto_plan_follows_its_layers_time_inside_the_model(clock):
+    "AutoPlan.time_inside scales every method's curve and the dense cost the allocation compares them with."
+    m = cnn()
+    shape = (1, 48, 32, 32)
+    calls = {'2': [shape]}
+    timer = B.latency_timer(L.LatencyTable('eager'), calls)
+    plans, _ = B.plan_layers(m, method='auto', on='latency', fc=False, layers=['2'], shapes={'2': shape}, calls=calls,
+                             timer=timer)
+    p = plans[0]
+    assert isinstance(p, B.AutoPlan) and set(p.plans) == {'tucker', 'svd'}
+    before = p.dense
+    p.time_inside(2 * p.latency.alone_ms)
+    assert p.dense == pytest.approx(2 * before)
+    assert all(s.dense == pytest.approx(p.dense) for s in p.plans.values())

@@ -146,7 +146,7 @@ class AutoPlan:
     def __init__(self, plans):
         self.plans = {p.method: p for p in plans}
         p = plans[0]
-        self.name, self.layer, self.in_shape, self.on, self.dense = p.name, p.layer, p.in_shape, p.on, p.dense
+        self.name, self.layer, self.dense = p.name, p.layer, p.dense
 
     def _p(self, c): return self.plans[c[0]]
     @property
@@ -158,9 +158,7 @@ class AutoPlan:
     def total_energy(self): return next(iter(self.plans.values())).total_energy()
     def unit_costs(self): return {m: p.unit_costs() for m, p in self.plans.items()}
     def cost(self, c): return self.dense if c is None else self._p(c).cost(c[1])
-    def macs(self, c): return next(iter(self.plans.values())).macs(None) if c is None else self._p(c).macs(c[1])
     def shrinks(self, c): return self._p(c).shrinks(c[1])
-    def lost(self, c): return self._p(c).lost(c[1])
     def runnable(self, c): return self._p(c).runnable(c[1])
     def method_ranks(self, c): return c
     def grow(self, c): return [((c[0], r), g) for r, g in self._p(c).grow(c[1])]
@@ -169,7 +167,7 @@ class AutoPlan:
     def latency(self): return next(iter(self.plans.values())).latency
     def time_inside(self, ms):
         for p in self.plans.values(): p.time_inside(ms)
-        self.dense = self.cost(None)
+        self.dense = next(iter(self.plans.values())).dense
 
     def choose(self, lam, units, total):
         "The (method, ranks) of least lost energy + `lam` × cost share at threshold `lam`, or None (dense)."

@@ -7,12 +7,13 @@ Docs: https://fasterai.github.io/fasterai/core.html.md"""
 # %% ../../nbs/09_core.ipynb #c003
 from __future__ import annotations
 import difflib, functools, math, os, statistics, time, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, ExitStack
 from collections import defaultdict
 import torch
 import pandas as pd
 from torch import nn
 from .ranks import check_range, full_ranks
+from .factorize import one_blas_thread
 from .blocks import *
 from .batches import *
 from .surgery import *
@@ -157,17 +158,14 @@ def calm_threads(device='cpu'):
     work is on the CPU."""
     n = torch.get_num_threads()
     calm = torch.device(device).type == 'cpu' and n > 1 and machine_busy()
-    limits = None
+    blas = ExitStack()
     if calm:
         # SciPy's BLAS first: threadpoolctl puts back what it found, so it must find torch's threads as they were
-        try:
-            from threadpoolctl import threadpool_limits
-            limits = threadpool_limits(limits=1, user_api='blas')
-        except ImportError: pass
+        blas.enter_context(one_blas_thread())
         torch.set_num_threads(1)
     try: yield calm
     finally:
-        if limits is not None: limits.restore_original_limits()
+        blas.close()
         if calm: torch.set_num_threads(n)
 
 # %% ../../nbs/09_core.ipynb #c015

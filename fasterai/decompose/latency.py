@@ -202,8 +202,8 @@ def channels_last_convs(model: nn.Module) -> nn.Module:
     return model
 
 def choose_layout(model: nn.Module, x: torch.Tensor, **timing):
-    "`model` with its blocks' cores in `channels_last` if that runs faster end to end on `x` (eager), else as it was; and both times."
+    "`model` with every conv weight in `channels_last` if that runs faster end to end on `x` (eager), else as it was; and both times."
     import copy
-    cl = channels_last_cores(copy.deepcopy(model))
+    cl = channels_last_convs(copy.deepcopy(model))
     ms_plain, ms_cl = model_ms([model, cl], x, **timing)
     return (cl if ms_cl < ms_plain else model), dict(contiguous=ms_plain, channels_last=ms_cl)
