@@ -103,14 +103,17 @@ def main(epochs: int = 5, lr: float = 3e-3, ft_lr: float | None = None, seed: in
     print(f'dense: validation accuracy {dense["accuracy"]:.4f}, {dense["params"]:,} params\n')
     t0 = time.perf_counter()
     # works on a copy: `dense_model` stays dense
-    with learn.no_bar(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')                       # the measurement is printed below
+    with learn.no_bar(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')                       # the measurement is printed below
         rep = learn.decompose(budget=budget, budget_on='latency', input_shape=(batch, 1, 32, 32))
+    # a cut that wrecks layers (rank ≤ 2, or half their output lost) is said, never silent
+    damage = [str(w.message) for w in caught if 'may lose most of its accuracy' in str(w.message)]
+    for d in damage: print(f'warning: {d}')
     lat = rep.attrs['latency']
     print(f"learn.decompose(budget={budget}, budget_on='latency') took {time.perf_counter() - t0:.1f} s:\n"
           f'{report_table(rep)}\n{lat["runtime"]} latency at batch {batch}: dense {lat["dense_ms"]:.2f} ms, target '
           f'{lat["target_ms"]:.2f} ms ({budget:.0%}), measured {lat["measured_ms"]:.2f} ms ({lat["measured_share"]:.1%})\n')
-    decomposed = dict(measure(learn), latency=lat)
+    decomposed = dict(measure(learn), latency=lat, damage=damage)
     dec_model = copy.deepcopy(learn.model)                    # as it was before fine-tuning
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
