@@ -19,13 +19,15 @@ from .batches import *
 from .surgery import *
 from .stats import layer_stats
 from .sensitivity import layer_out_roots
-from .distributed import collective, rank0_decides, agree, is_rank0, to_device_of, check_same
+from concurrent.futures import ThreadPoolExecutor
+from .distributed import (collective, rank0_decides, agree, is_rank0, to_device_of, check_same,
+                                             is_collective)
 
 # %% auto #0
-__all__ = ['SLOWER', 'UNCHECKED', 'NEVER_SLOWER', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR', 'allow_autograd',
-           'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup', 'other_runnable',
-           'machine_busy', 'calm_threads', 'tidy_report', 'in_model_order', 'damage_note', 'warn_damage', 'Decomposer',
-           'check_rank_args']
+__all__ = ['SLOWER', 'UNCHECKED', 'NEVER_SLOWER', 'PARALLEL_LAYERS', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR',
+           'allow_autograd', 'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup',
+           'other_runnable', 'machine_busy', 'calm_threads', 'layer_work', 'layer_workers', 'tidy_report',
+           'in_model_order', 'damage_note', 'warn_damage', 'Decomposer', 'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
@@ -153,11 +155,11 @@ def machine_busy() -> bool:
     return n is not None and n >= (os.cpu_count() or 1)
 
 @contextmanager
-def calm_threads(device='cpu'):
-    """One intra-op thread for the work inside, torch's and SciPy's BLAS alike, while the machine is busy and the
-    work is on the CPU."""
+def calm_threads(device='cpu', always: bool = False):
+    """One intra-op thread for the work inside, torch's and SciPy's BLAS alike, while the machine is busy (or
+    `always`) and the work is on the CPU."""
     n = torch.get_num_threads()
-    calm = torch.device(device).type == 'cpu' and n > 1 and machine_busy()
+    calm = torch.device(device).type == 'cpu' and n > 1 and (always or machine_busy())
     blas = ExitStack()
     if calm:
         # SciPy's BLAS first: threadpoolctl puts back what it found, so it must find torch's threads as they were
@@ -167,6 +169,24 @@ def calm_threads(device='cpu'):
     finally:
         blas.close()
         if calm: torch.set_num_threads(n)
+
+# factor independent layers side by side (see `layer_workers`); False: one after the other
+PARALLEL_LAYERS = True
+
+def layer_work(m: nn.Module) -> int:
+    "A rough cost of factoring `m`'s weight (elements × its smaller unfolding side), to order and share the work."
+    w = getattr(m, 'weight', None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2: return 0
+    return w.numel() * min(w.shape[0], w[0].numel())
+
+def layer_workers(device, layers) -> int:
+    """How many of `layers` (modules) to factor side by side, each on one intra-op thread: torch's thread count on
+    the CPU; 1 on another device, in a run over several processes, with one thread or one layer, when one layer
+    holds half the work or more (it would run on one thread while the others wait), or with `PARALLEL_LAYERS` off."""
+    n, work = torch.get_num_threads(), [layer_work(m) for m in layers]
+    if (not PARALLEL_LAYERS or n < 2 or len(work) < 2 or torch.device(device).type != 'cpu' or is_collective()
+            or 2 * max(work) >= sum(work)): return 1
+    return min(n, len(work))
 
 # %% ../../nbs/09_core.ipynb #c015
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
@@ -251,6 +271,8 @@ class Decomposer:
     # (layer, block, x) -> (ms, ms): how `min_speedup` times a block
     timer = staticmethod(time_pair)
     _ranks_keys, _ranks_alias = (), {}
+    # set by `calibrated_run`: may layers be factored side by side (`layer_workers`)?
+    independent = False
 
     def explicit_rank(self, ranks: dict, name: str):
         "The explicit rank given for `name` or one of its aliases, or None."
@@ -289,6 +311,8 @@ class Decomposer:
         """`run` with `self.plan_layer`, after setting what it reads: `stats_for` (the input statistics of each
         layer, from `data`) and `root_for` (its output weighting); the sample input from `input_shape` or `data`."""
         self.stats_for = layer_stats(model, data, n_batches, sequential, self.kinds, layers, exclude, compensate)
+        # a layer's block does not depend on the blocks made before it: without data, or with statistics of `model`
+        self.independent = data is None or not sequential
         cands = self.candidates(model, layers, exclude)[0]
         self.root_for = layer_out_roots(output_grams, model, data, n_batches, cands)
         sample = sample_runner(model, input_shape, data)
@@ -316,10 +340,15 @@ class Decomposer:
         ctx = dict(owners=owners, shared=shared, calls=calls, batch=getattr(sample, 'batch', None),
                    min_speedup=min_speedup)
         rows, swaps, damage = [_done_row(n, b) for n, b in done], [], []
-        with calm_threads(model_device(work) or 'cpu'):       # busy or not: read once per call
+        dev = model_device(work) or 'cpu'
+        # layers whose blocks do not depend on the blocks before them are factored first, side by side
+        workers = layer_workers(dev, [m for _, m in cands]) if self.independent else 1
+        made = self._made_side_by_side(cands, plan_layer, work, owners, shared, calls, workers, dev) if workers > 1 else {}
+        with calm_threads(dev):       # busy or not: read once per call
             for name, m in cands:
                 # made on every process (statistics are summed), rank 0's kept
-                block, row = agree(lambda: self._plan_one(name, m, plan_layer, work, **ctx, rank0=is_rank0()))
+                block, row = agree(lambda: self._plan_one(name, m, plan_layer, work, **ctx, rank0=is_rank0(),
+                                                          made=made.pop(name, None)))
                 block = to_device_of(block, m)
                 rows.append(row)
                 damage.append(damage_note(name, m, block, row))
@@ -337,17 +366,37 @@ class Decomposer:
         if verbose and len(self.report): print(self.summary(model if not inplace else None, result))
         return result
 
-    def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup, rank0=True):
-        "The block for candidate `m` (None when it stays as it is) and its report row."
+    def _made_side_by_side(self, cands, plan_layer, work, owners, shared, calls, workers, dev) -> dict:
+        """name → `_make_one`'s (block, row) of every candidate, made by `workers` threads on one intra-op thread
+        each, the costliest layers first; an error is raised as the candidates in order would meet it."""
+        order = sorted(cands, key=lambda c: -layer_work(c[1]))
+        with calm_threads(dev, always=True), ThreadPoolExecutor(workers) as pool:
+            futs = {name: pool.submit(self._make_one, name, m, plan_layer, work, owners, shared, calls)
+                    for name, m in order}
+            try: return {name: futs[name].result() for name, _ in cands}
+            except BaseException:
+                for f in futs.values(): f.cancel()
+                raise
+
+    def _make_one(self, name, m, plan_layer, work, owners, shared, calls):
+        "The block for candidate `m` (None when it stays as it is) and its report row, before any timing."
         shapes = calls.get(name)
-        in_shape = shapes[0] if shapes else None
         row = dict(name=name, type=type(m).__name__, params_before=n_params(m))
         reason = skip_reason(m, next(k for k in self.kinds if isinstance(m, k)), owners, shared)
         if reason is None: self._remember_alias(name, m, owners)
         t0, block = time.perf_counter(), None
-        if reason is None: block, extra = plan_layer(name, m, in_shape, work); row.update(extra)
+        if reason is None: block, extra = plan_layer(name, m, shapes[0] if shapes else None, work); row.update(extra)
         else: row['reason'] = reason
         row['seconds'] = time.perf_counter() - t0
+        return block, row
+
+    def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup, rank0=True,
+                  made=None):
+        """The block for candidate `m` (None when it stays as it is) and its report row (`made`: from
+        `_made_side_by_side`), timed against `m` with `min_speedup`."""
+        block, row = made if made is not None else self._make_one(name, m, plan_layer, work, owners, shared, calls)
+        shapes = calls.get(name)
+        in_shape = shapes[0] if shapes else None
         if block is not None and min_speedup is not None and in_shape is not None and rank0:
             block = self._timed(m, block, in_shape, min_speedup, row)
         _fill_costs(row, m, block, shapes, batch)
