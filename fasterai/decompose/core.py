@@ -170,6 +170,7 @@ def calm_threads(device='cpu', always: bool = False):
         blas.close()
         if calm: torch.set_num_threads(n)
 
+# %% ../../nbs/09_core.ipynb #c015
 # factor independent layers side by side (see `layer_workers`); False: one after the other
 PARALLEL_LAYERS = True
 
@@ -188,7 +189,7 @@ def layer_workers(device, layers) -> int:
             or 2 * max(work) >= sum(work)): return 1
     return min(n, len(work))
 
-# %% ../../nbs/09_core.ipynb #c015
+# %% ../../nbs/09_core.ipynb #c018
 REPORT_COLUMNS = ['name', 'type', 'method', 'ranks', 'params_before', 'params_after', 'macs_before',
                   'macs_after',
                   'weight_error', 'predicted_error', 'output_error', 'seconds', 'ms_before',
@@ -435,7 +436,7 @@ class Decomposer:
         if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
-# %% ../../nbs/09_core.ipynb #c018
+# %% ../../nbs/09_core.ipynb #c021
 def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
                     input_shape):
     """Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a
