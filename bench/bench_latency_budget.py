@@ -9,6 +9,8 @@ For each torchvision model (weights=None, eval, 3×224×224), batch size and run
       (its default `min_speedup='auto'` times each block in eager mode at this shape and leaves slower ones dense);
   (b) `decompose(model, budget=B, budget_on='latency', method='tucker', input_shape=..., runtime=R)`;
   (c) the same with `method='auto'` (Tucker-2, channel SVD or dense per layer).
+With `--fold-bn`, (b) and (c) pass `fold_bn=True`: every BatchNorm is folded into the conv before it first, and the
+budget stays a share of the unfolded dense model's time (the folded dense model's share is in the row).
 Dense and decomposed models are timed in one process, interleaved (`fasterai.decompose.latency.model_ms`: fastest of
 rounds, repeated until stable), in runtime R. Reported: the MAC ratio (dense / decomposed, torch's FLOP counter via
 `fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms), the share of the MAC ratio reached (speed
@@ -33,6 +35,7 @@ p.add_argument('--runtimes', nargs='+', default=['eager', 'onnxruntime'])
 p.add_argument('--configs', nargs='+', default=['a', 'b', 'c'])
 p.add_argument('--budget', type=float, default=0.5)
 p.add_argument('--threads', type=int, default=2)
+p.add_argument('--fold-bn', action='store_true', help='(b) and (c) with fold_bn=True (BatchNorms folded first)')
 p.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'latency_budget.json'))
 p.add_argument('--append', action='store_true', help='add rows to the rows already in --out')
 ARGS = p.parse_args()
@@ -68,8 +71,8 @@ for name in ARGS.models:
                 if c not in ARGS.configs: continue
                 d, t = Budget_Decomposer(), time.time()
                 m = d.decompose(dense, budget=ARGS.budget, budget_on='latency', method=meth, input_shape=tuple(x.shape),
-                                runtime=rt, latency_table=tables[rt], verbose=False)
-                models[f'({c}) latency {ARGS.budget}, {meth}'] = (m, time.time() - t, d)
+                                runtime=rt, latency_table=tables[rt], verbose=False, fold_bn=ARGS.fold_bn)
+                models[f'({c}) latency {ARGS.budget}, {meth}' + (', fold_bn' if ARGS.fold_bn else '')] = (m, time.time() - t, d)
             # the dense model with every conv weight channels-last: how much of a speed-up the layout alone gives
             extra = [channels_last_convs(copy.deepcopy(dense))] if rt == 'eager' else []
             t_all = model_ms([dense] + extra + [v[0] for v in models.values()], x, rt, min_time=0.5)
@@ -83,6 +86,8 @@ for name in ARGS.models:
                 if d is not None:
                     r.update(target_share=ARGS.budget, measured_share=ms / times[0],
                              measured_share_in_call=d.latency['measured_share'], calibration=d.calibration)
+                    if 'folded_dense_ms' in d.latency:     # the dense model with its BatchNorms folded, in the call
+                        r['folded_dense_share_in_call'] = d.latency['folded_dense_ms'] / d.latency['dense_ms']
                 rep = (d or ca).report                 # how many layers the call decomposed (0: the model is the dense one)
                 r['decomposed'] = int((rep.status == 'decomposed').sum())
                 doc['rows'].append(r); save()

@@ -4,6 +4,7 @@ Timings are for benchmarks, not tests: here every time comes from a deterministi
 op), patched in where the library times things (`LatencyTable.ms`, `in_model_ms`, `model_ms`), so what is checked
 is the logic: what is planned, how the plan is corrected when the model's time differs from the layers' sum, and
 what the report and `latency` say."""
+import warnings
 import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
@@ -25,8 +26,10 @@ def leaf_ms(m, shape, block_factor=1.0):
     return OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6
 
 
-def model_time(model, x, block_factor=1.0, fixed=0.05):
-    "Stand-in end-to-end milliseconds: every conv/Linear/block at the shape it sees, plus a fixed cost."
+def model_time(model, x, block_factor=1.0, fixed=0.05, bn_ms=0.0):
+    """Stand-in end-to-end milliseconds: every conv/Linear/block at the shape it sees, `bn_ms` per BatchNorm, plus a
+    fixed cost."""
+    fixed = fixed + bn_ms * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     shapes, hooks = {}, []
     def top(m):
         return isinstance(m, (LowRankBlock, nn.Conv2d, nn.Linear))
@@ -43,7 +46,7 @@ def model_time(model, x, block_factor=1.0, fixed=0.05):
 @pytest.fixture
 def clock(monkeypatch):
     "Patch the library's timers with the stand-in; `clock.factor` makes blocks slower in the model than alone."
-    class Clock: factor = 1.0
+    class Clock: factor, bn_ms = 1.0, 0.0
     c = Clock()
     def table_ms(self, modules, shapes, **timing):
         out = []
@@ -54,7 +57,7 @@ def clock(monkeypatch):
         return out
     def fake_model_ms(models, x, runtime='eager', **timing):
         one = isinstance(models, nn.Module)
-        ts = [model_time(m, x, c.factor) for m in ([models] if one else models)]
+        ts = [model_time(m, x, c.factor, bn_ms=c.bn_ms) for m in ([models] if one else models)]
         return ts[0] if one else ts
     def fake_in_model_ms(model, x, layers, rounds=10):
         shapes = {}
@@ -198,3 +201,71 @@ def test_an_auto_plan_follows_its_layers_time_inside_the_model(clock):
     p.time_inside(2 * p.latency.alone_ms)
     assert p.dense == pytest.approx(2 * before)
     assert all(s.dense == pytest.approx(p.dense) for s in p.plans.values())
+
+
+def cnn_bn():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+                      nn.Conv2d(48, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+                      nn.Conv2d(96, 96, 3, padding=1, bias=False), nn.BatchNorm2d(96), nn.ReLU(),
+                      nn.Conv2d(96, 128, 3, padding=1), nn.BatchNorm2d(128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(128, 10))
+    for b in m.modules():
+        if isinstance(b, nn.BatchNorm2d):
+            b.running_mean.uniform_(-1, 1); b.running_var.uniform_(0.5, 2); b.weight.data.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_fold_bn_decomposes_the_folded_model_and_times_against_the_original(clock):
+    "The BatchNorm layers' own time counts toward the budget, which stays a share of the model as the caller has it."
+    from fasterai.misc.bn_folding import BN_Folder
+    clock.bn_ms = 0.03
+    m, x = cnn_bn(), torch.randn(SHAPE)
+    d = Budget_Decomposer()
+    out = d.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, fold_bn=True,
+                      verbose=False)
+    assert not any(isinstance(b, nn.BatchNorm2d) for b in out.modules())
+    assert sum(isinstance(b, nn.BatchNorm2d) for b in m.modules()) == 4               # the caller's model untouched
+    assert int(d.folded.folded.sum()) == 4
+    lat = d.latency
+    assert lat['dense_ms'] == pytest.approx(model_time(m, x, bn_ms=0.03))             # the model with its BatchNorms
+    assert lat['folded_dense_ms'] == pytest.approx(model_time(m, x, bn_ms=0.03) - 4 * 0.03)
+    assert abs(lat['measured_share'] - 0.6) <= 0.06, lat
+    # the same call without folding has to cut further to reach the same share
+    d2 = Budget_Decomposer()
+    d2.decompose(m, budget=0.6, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    kept = lambda r: sum(sum(k) for k in r[r.status == 'decomposed'].ranks)
+    assert kept(d.report) > kept(d2.report)
+    # and the result is the folded model's decomposition: the same call on BN_Folder's output gives the same model
+    d3 = Budget_Decomposer()
+    ref = d3.decompose(BN_Folder().fold(m, verbose=False), budget=0.6 / (lat['folded_dense_ms'] / lat['dense_ms']),
+                       budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    with torch.no_grad(): assert torch.allclose(out(x), ref(x), atol=1e-5)
+
+
+def test_fold_bn_alone_may_reach_the_budget(clock):
+    clock.bn_ms = 0.5                                     # BatchNorms hold most of the time: folding is enough
+    m = cnn_bn()
+    d = Budget_Decomposer()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        out = d.decompose(m, budget=0.7, budget_on='latency', method='tucker', input_shape=SHAPE, fold_bn=True,
+                          verbose=False)
+    assert not any(isinstance(b, LowRankBlock) for b in out.modules())
+    assert d.latency['measured_share'] <= 0.7
+    assert not [w for w in rec if 'latency' in str(w.message)]            # faster than asked, nothing cut: no warning
+
+
+def test_fold_bn_arguments(clock):
+    m = cnn_bn()
+    with pytest.raises(TypeError, match='fold_bn'):
+        Budget_Decomposer().decompose(m, budget=0.5, fold_bn='yes', verbose=False)
+    with pytest.raises(ValueError, match='fold_bn=True.*inplace'):
+        Budget_Decomposer().decompose(m, budget=0.5, fold_bn=True, inplace=True, verbose=False)
+    # a params budget with fold_bn: the folded model's decomposition at that budget
+    from fasterai.misc.bn_folding import BN_Folder
+    x = torch.randn(SHAPE)
+    a = Budget_Decomposer().decompose(m, budget=0.5, fold_bn=True, verbose=False)
+    ref = Budget_Decomposer().decompose(BN_Folder().fold(m, verbose=False), budget=0.5, verbose=False)
+    assert not any(isinstance(b, nn.BatchNorm2d) for b in a.modules())
+    with torch.no_grad(): assert torch.allclose(a(x), ref(x), atol=1e-6)

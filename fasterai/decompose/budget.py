@@ -25,6 +25,7 @@ from .conv import *
 from .fc import *
 from .latency import *
 from .distributed import on_rank0
+from ..misc.bn_folding import BN_Folder
 
 # %% auto #0
 __all__ = ['NS_PER_MS', 'AUTO_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'decompose', 'LayerPlan',
@@ -622,6 +623,7 @@ class Budget_Decomposer:
                   budget_of: str = 'dense',      # a model with blocks: share of its dense original, or 'model'
                   rank_multiple='auto',          # ranks on multiples of this ('auto': `kernel_multiple` for latency)
                   calibrate: int = 3,            # budget_on='latency': re-plans after timing the planned shapes
+                  fold_bn: bool = False,         # first fold each BatchNorm into the layer before it (for inference)
                   **refused) -> nn.Module:       # decomposers' rank arguments: refused, saying why
         """Decompose the Convs (with `method`) and Linears of `model` so that it keeps `budget` of
         its parameters (`budget_on='params'`) or of its conv+linear MACs (`'macs'`, needs
@@ -631,10 +633,15 @@ class Budget_Decomposer:
         with it, `output_grams='auto'` (the default; `None` to turn off) also weighs each layer's
         output *directions* by the model's Jacobian (`output_grams`), in the ranks and in the
         factors. Returns the new model; `self.report` holds the per-layer rows (with output
-        weighting, `predicted_error` and `output_error` are in the weighted norm)."""
+        weighting, `predicted_error` and `output_error` are in the weighted norm). `fold_bn=True` first folds
+        every BatchNorm into the Conv or Linear that feeds it (`BN_Folder`, on a copy) and decomposes that model: for
+        inference, since the BatchNorm layers are gone; a latency budget stays a share of `model`'s own time."""
         check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                           refused)
         check_runtime(runtime)
+        self.original, self.folded = model, None
+        if fold_bn is not False:
+            model = self._fold(model, fold_bn, inplace, input_shape, data)
         multiple = check_rank_multiple(rank_multiple, budget_on, model_device(model) or 'cpu')
         if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
             raise ValueError(f'calibrate must be an int >= 0 (re-plans after timing), got {calibrate!r}')
@@ -665,6 +672,8 @@ class Budget_Decomposer:
                                    compact=compact,
                                    skipped=skipped, calls=calls, batch=batch, timer=timer, multiple=multiple)
         if timer is not None: fixed = self._fixed_ms(model, plans)
+        # the plan's share of the folded model's time that is `budget` of the original's
+        plan_budget = budget if timer is None or self.folded is None else min(budget / self._folded_share(model), 1.0)
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
@@ -676,13 +685,13 @@ class Budget_Decomposer:
         # a decomposed model already within its budget has nothing left to plan, and that is fine
         if not (blocks and total <= budget * ref): check_plans(model, plans, skipped)
         if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
-        ranks, cost, _ = on_rank0(lambda: allocate(plans, budget * ref, fixed))     # one plan for every process
+        ranks, cost, _ = on_rank0(lambda: allocate(plans, plan_budget * ref, fixed))     # one plan for every process
         if timer is not None and calibrate:
-            ranks, cost = on_rank0(lambda: self._calibrate(model, plans, ranks, cost, budget, fixed, calibrate))
+            ranks, cost = on_rank0(lambda: self._calibrate(model, plans, ranks, cost, plan_budget, fixed, calibrate))
         # already within the budget (a decomposed model, budget_of='dense'): the note said so
         # a calibrated latency plan is judged by its measurement (`_measure`), not by its prediction
-        if total > budget * ref and not (timer is not None and calibrate):
-            warn_allocation(cost, budget, ref, fixed, len(plans), budget_on)
+        if total > plan_budget * ref and not (timer is not None and calibrate):
+            warn_allocation(cost, plan_budget, ref, fixed, len(plans), budget_on)
         self.plan = dict(budget_of=budget_of, reference=ref, before=total, planned=cost)
         chosen = {n: r for n, r in ranks.items() if r is not None}
         passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,
@@ -696,11 +705,28 @@ class Budget_Decomposer:
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
-        if timer is not None: self._measure(model, out, plans, chosen, budget, cost, inplace, latency_table)
+        if timer is not None: self._measure(self.original, out, plans, chosen, budget, cost, inplace, latency_table)
         self.report = tidy_report(self.report)
         self._summarize(reports, len(chosen), len(plans), cost, ref, budget, budget_on, verbose,
                         'the dense original' if blocks and budget_of == 'dense' else None)
         return out
+
+    def _fold(self, model, fold_bn, inplace, input_shape, data) -> nn.Module:
+        "A copy of `model` with its BatchNorm layers folded (`BN_Folder`); `self.folded` is its report."
+        if not isinstance(fold_bn, bool): raise TypeError(f'fold_bn must be True or False, got {fold_bn!r}')
+        if inplace:
+            raise ValueError('fold_bn=True decomposes a copy with its BatchNorm layers folded: it cannot work inplace=True')
+        sample = timing_input(model, input_shape, data) if input_shape is not None or data is not None else None
+        folder = BN_Folder()
+        out = folder.fold(model, sample=sample, verbose=False)
+        self.folded = folder.report
+        return out
+
+    def _folded_share(self, folded) -> float:
+        "The folded model's time over the original's, timed side by side (their ms in `self._unfolded`)."
+        orig_ms, fold_ms = model_ms([self.original, folded], self._x, self._runtime)
+        self._unfolded = dict(dense_ms=orig_ms, folded_ms=fold_ms)
+        return fold_ms / orig_ms
 
     def _timer(self, model, budget_on, runtime, table, input_shape, data, calls):
         """With `budget_on='latency'`: the input to time on and the latency table (held on `self`), and
@@ -769,10 +795,12 @@ class Budget_Decomposer:
         if self._layout == 'channels_last': channels_last_convs(out)
         if inplace: before, after = self._dense_ms, model_ms(out, self._x, self._runtime)
         else: before, after = model_ms([model, out], self._x, self._runtime)
-        self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * self._dense_ms,
+        self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * before,
                             planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before,
                             layout=self._layout)
-        if abs(after / before - budget) > LATENCY_TOL * budget:
+        if self.folded is not None: self.latency['folded_dense_ms'] = self._unfolded['folded_ms'] * before / self._unfolded['dense_ms']
+        # faster than asked with nothing cut (folding the BatchNorms was enough) is no miss
+        if abs(after / before - budget) > LATENCY_TOL * budget and (chosen or after / before > budget):
             far = (' out of reach: the layers it may cut hold too little of the time (pooling, activations, '
                    "normalization and the layers left out stay); ask for more, or let more layers in (method='auto' "
                    'reaches 1×1 convs, layers=/exclude=)' if after / before > budget else
@@ -792,9 +820,11 @@ class Budget_Decomposer:
             t = self.latency
             checks = (f" after {len(self.calibration)} end-to-end check(s) of the plan (the layers' own times "
                       f"predicted {cost / total:.1%})" if self.calibration else f' (planned {cost / total:.1%})')
+            fold = (f"; {int(self.folded.folded.sum())} BatchNorm folded (dense and folded: "
+                    f"{t['folded_dense_ms']:.3g} ms)" if self.folded is not None else '')
             print(f"decompose: {n_chosen} of {n_plans} eligible layers decomposed; {t['runtime']} latency "
                   f"{t['dense_ms']:.3g} → {t['measured_ms']:.3g} ms measured ({t['measured_share']:.1%}, target "
-                  f"{budget:.0%}){checks}")
+                  f"{budget:.0%}){checks}{fold}")
             return
         print(f'decompose: {n_chosen} of {n_plans} eligible layers decomposed; planned {budget_on} '
               f'{int(total):,} → {int(cost):,} ({cost / total:.1%}' + (f' of {of}' if of else '') +
