@@ -177,7 +177,8 @@ PARALLEL_LAYERS = True
 def layer_work(m: nn.Module) -> int:
     "A rough cost of factoring `m`'s weight (elements × its smaller unfolding side), to order and share the work."
     w = getattr(m, 'weight', None)
-    if not isinstance(w, torch.Tensor) or w.dim() < 2: return 0
+    # a lazy layer's weight has no shape yet (it is left dense anyway)
+    if not isinstance(w, torch.Tensor) or nn.parameter.is_lazy(w) or w.dim() < 2: return 0
     return w.numel() * min(w.shape[0], w[0].numel())
 
 def layer_workers(device, layers) -> int:
