@@ -36,6 +36,8 @@ def test_side_by_side_gives_the_blocks_of_one_after_the_other(monkeypatch, two_t
     res = {}
     for par in (True, False):
         monkeypatch.setattr(core, 'PARALLEL_LAYERS', par)
+        # side by side each layer runs on one thread: the reference is one layer after the other on one thread
+        torch.set_num_threads(2 if par else 1)
         m = convnet(); m(x)                                      # the LazyLinear gets its shape
         snap, d = snapshot(m), Conv_Decomposer()
         out = d.decompose(m, method=method, percent_removed=0.4, verbose=False)
@@ -45,18 +47,23 @@ def test_side_by_side_gives_the_blocks_of_one_after_the_other(monkeypatch, two_t
     assert (ra.fillna(-1).astype(str) == rb.fillna(-1).astype(str)).all().all()
     assert (ra.status == 'decomposed').sum() >= (3 if method in ('tucker', 'svd') else 1)
     with torch.no_grad(): assert torch.equal(a(x), b(x))        # bit-identical: one thread per layer either way
-    assert torch.get_num_threads() == 2
 
 
 def test_side_by_side_linears_match(monkeypatch, two_threads):
     res = {}
     for par in (True, False):
         monkeypatch.setattr(core, 'PARALLEL_LAYERS', par)
+        torch.set_num_threads(2 if par else 1)
         d = FC_Decomposer()
         res[par] = (d.decompose(mlp(), percent_removed=0.5, verbose=False), d.report.drop(columns=['seconds']))
     x = torch.randn(5, 48)
     with torch.no_grad(): assert torch.equal(res[True][0](x), res[False][0](x))
     assert (res[True][1].fillna(-1).astype(str) == res[False][1].fillna(-1).astype(str)).all().all()
+
+
+def test_thread_counts_come_back(monkeypatch, two_threads):
+    Conv_Decomposer().decompose(convnet(), method='tucker', verbose=False)
+    assert torch.get_num_threads() == 2
 
 
 def test_who_works_side_by_side(monkeypatch, two_threads):

@@ -178,7 +178,7 @@ def layer_work(m: nn.Module) -> int:
     "A rough cost of factoring `m`'s weight (elements × its smaller unfolding side), to order and share the work."
     w = getattr(m, 'weight', None)
     # a lazy layer's weight has no shape yet (it is left dense anyway)
-    if not isinstance(w, torch.Tensor) or nn.parameter.is_lazy(w) or w.dim() < 2: return 0
+    if not isinstance(w, torch.Tensor) or nn.parameter.is_lazy(w) or w.dim() < 2 or w.numel() == 0: return 0
     return w.numel() * min(w.shape[0], w[0].numel())
 
 def layer_workers(device, layers) -> int:
@@ -255,6 +255,12 @@ def warn_damage(label: str, notes: list):
                   f'above {DAMAGE_ERROR}: {some}. The model may lose most of its accuracy; ask for a smaller cut '
                   '(percent_removed=, budget=), calibrate on data (data=), or leave these layers out (exclude=)',
                   stacklevel=3)
+
+def _one_thread(f, *args):
+    """`f(*args)` on one intra-op thread. A new thread's OpenMP starts from OMP_NUM_THREADS, not from the count
+    torch was given, and a BLAS call made before any torch op would use that: set it in this thread first."""
+    torch.set_num_threads(1)
+    return f(*args)
 
 def _swap_in(model, swaps):
     """Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at
@@ -373,7 +379,7 @@ class Decomposer:
         each, the costliest layers first; an error is raised as the candidates in order would meet it."""
         order = sorted(cands, key=lambda c: -layer_work(c[1]))
         with calm_threads(dev, always=True), ThreadPoolExecutor(workers) as pool:
-            futs = {name: pool.submit(self._make_one, name, m, plan_layer, work, owners, shared, calls)
+            futs = {name: pool.submit(_one_thread, self._make_one, name, m, plan_layer, work, owners, shared, calls)
                     for name, m in order}
             try: return {name: futs[name].result() for name, _ in cands}
             except BaseException:
