@@ -130,3 +130,24 @@ def test_trainable_decomposed():
         moved = {n for n, p in out.named_parameters() if not torch.equal(p, student.get_parameter(n))}
         assert moved and all(n.startswith('2.') for n in moved), moved
         assert all(p.requires_grad for p in out.parameters())
+
+def test_length_batches():
+    "Each item once per pass, batches are runs of the length order (far less padding), a new order each pass, seeded."
+    from fasterai.decompose.distill import length_batches
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 60, (1000,), generator=g).tolist()
+    rng = torch.get_rng_state()
+    bl = length_batches(lens, bs=32, passes=3, seed=1)
+    assert torch.equal(rng, torch.get_rng_state())                   # the caller's random state is left alone
+    n = -(-1000 // 32)
+    assert len(bl) == 3 * n
+    for p in range(3): assert sorted(i for b in bl[p * n:(p + 1) * n] for i in b) == list(range(1000))
+    spans = sorted((min(lens[i] for i in b), max(lens[i] for i in b)) for b in bl[:n])
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))     # no two batches' length ranges overlap
+    def padded(bl): return sum(len(b) * max(lens[i] for i in b) for b in bl)
+    assert padded(bl[:n]) < 0.8 * padded([list(range(i, min(i + 32, 1000))) for i in range(0, 1000, 32)])
+    assert bl[:n] != bl[n:2 * n]                                    # shuffled anew each pass
+    assert length_batches(lens, 32, 3, seed=1) == bl and length_batches(lens, 32, 3, seed=2) != bl
+    with pytest.raises(ValueError, match='bs must be'): length_batches(lens, bs=0)
+    with pytest.raises(ValueError, match='passes must be'): length_batches(lens, passes=0)
+    with pytest.raises(ValueError, match='empty'): length_batches([])

@@ -9,7 +9,7 @@ __all__ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'L
            'tucker2', 'channel_svd', 'spatial_svd', 'cp_factors', 'lowrank', 'evbmf_rank', 'n_params', 'block_macs',
            'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder', 'DecomposeCallback', 'NuclearNormCallback',
            'plot_report', 'load_decomposed', 'output_grams', 'collect_stats', 'whitened_lowrank', 'distill',
-           'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks', 'LocalDistillLoss']
+           'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks', 'LocalDistillLoss', 'length_batches']
 
 # %% ../../nbs/99_all.ipynb #c002
 from .factorize import *
@@ -27,7 +27,7 @@ from .report import plot_report
 from .whiten import whitened_lowrank
 from .stats import collect_stats
 from .sensitivity import output_grams
-from .distill import distill, DistillLoss, DistillCallback, Staged_Decomposer, merge_blocks, LocalDistillLoss
+from .distill import distill, DistillLoss, DistillCallback, Staged_Decomposer, merge_blocks, LocalDistillLoss, length_batches
 
 _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'LowRankLinear',
          'CompactLinear', 'METHODS',
@@ -35,4 +35,4 @@ _all_ = ['Conv_Decomposer', 'FC_Decomposer', 'LowRankBlock', 'LowRankConv', 'Low
          'block_macs', 'decompose', 'Budget_Decomposer', 'LatencyTable', 'BN_Folder',
          'DecomposeCallback', 'NuclearNormCallback', 'plot_report', 'load_decomposed',
          'output_grams', 'collect_stats', 'whitened_lowrank',
-         'distill', 'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks', 'LocalDistillLoss']
+         'distill', 'DistillLoss', 'DistillCallback', 'Staged_Decomposer', 'merge_blocks', 'LocalDistillLoss', 'length_batches']

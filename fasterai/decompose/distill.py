@@ -24,8 +24,8 @@ from fastai.callback.schedule import *
 # %% auto #0
 __all__ = ['LOSSES', 'LAYER_LOSSES', 'LOCAL_INPUTS', 'TRAINABLE', 'first_tensor', 'select_output', 'relative_mse', 'cosine_loss',
            'kl_loss', 'output_loss', 'decomposed_names', 'match_layers', 'check_distill_args', 'check_pair',
-           'DistillLoss', 'LocalDistillLoss', 'distill', 'merged_linear', 'merge_blocks', 'Staged_Decomposer',
-           'DistillCallback']
+           'DistillLoss', 'LocalDistillLoss', 'distill', 'length_batches', 'merged_linear', 'merge_blocks',
+           'Staged_Decomposer', 'DistillCallback']
 
 # %% ../../nbs/19_distill.ipynb #c006
 LOSSES = ('kl', 'cosine', 'mse', 'cosine+mse')
@@ -367,7 +367,21 @@ def distill(student: nn.Module, teacher: nn.Module, data, epochs: int = 1, lr: f
         for m, t in modes.items(): m.training = t
     return student
 
-# %% ../../nbs/19_distill.ipynb #c026
+# %% ../../nbs/19_distill.ipynb #c021
+def length_batches(lengths, bs: int = 32, passes: int = 1, seed: int = 0) -> list:
+    """Batches of `bs` indices of items of similar length (`lengths`: one number per item): the items
+    sorted by length (ties in index order) and cut into batches, the batches in a random order drawn
+    anew for each of `passes` passes (seeded; the caller's random state is left alone)."""
+    lengths = list(lengths)
+    if not (isinstance(bs, int) and bs >= 1): raise ValueError(f'bs must be an int >= 1, got {bs!r}')
+    if not (isinstance(passes, int) and passes >= 1): raise ValueError(f'passes must be an int >= 1, got {passes!r}')
+    if not lengths: raise ValueError('lengths is empty: no items to batch')
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    one = [order[j:j + bs] for j in range(0, len(order), bs)]
+    g = torch.Generator().manual_seed(seed)
+    return [list(one[i]) for _ in range(passes) for i in torch.randperm(len(one), generator=g).tolist()]
+
+# %% ../../nbs/19_distill.ipynb #c030
 @torch.no_grad()
 def merged_linear(block: nn.Module) -> nn.Linear:
     """The dense `nn.Linear` that a decomposed Linear block computes (its factors multiplied out, in
@@ -398,7 +412,7 @@ def merge_blocks(model: nn.Module, inplace: bool = False) -> nn.Module:
         setattr(mods[parent] if parent else model, child, merged_linear(mods[n]))
     return model
 
-# %% ../../nbs/19_distill.ipynb #c028
+# %% ../../nbs/19_distill.ipynb #c032
 def _per_stage(kw, n, arg):
     "`kw` (a dict, or a list of `n` dicts) as a list of `n` dicts."
     if kw is None: return [{} for _ in range(n)]
@@ -449,7 +463,7 @@ class Staged_Decomposer:
         self.report = pd.concat(reports, ignore_index=True)
         return student
 
-# %% ../../nbs/19_distill.ipynb #c032
+# %% ../../nbs/19_distill.ipynb #c036
 class DistillCallback(Callback):
     """Train the Learner's model to reproduce `teacher`: the Learner's loss is replaced by the
     distillation loss (`DistillLoss`, same arguments), the targets are ignored (batches without any
@@ -498,7 +512,7 @@ class DistillCallback(Callback):
 
     def after_fit(self): self.remove()
 
-# %% ../../nbs/19_distill.ipynb #c033
+# %% ../../nbs/19_distill.ipynb #c037
 @patch
 def distill(self: Learner, teacher: nn.Module, epochs: int = 1, lr: float = 1e-3, **kwargs):
     """Fit `self.model` for `epochs` (one-cycle, max `lr`) to reproduce `teacher` with a
