@@ -20,8 +20,8 @@ from .surgery import *
 from .stats import layer_stats
 from .sensitivity import layer_out_roots
 from concurrent.futures import ThreadPoolExecutor
-from .distributed import (collective, rank0_decides, agree, is_rank0, to_device_of, check_same,
-                                             is_collective)
+from .distributed import collective, rank0_decides, agree, is_rank0, to_device_of, check_same
+from .distributed import is_collective
 
 # %% auto #0
 __all__ = ['SLOWER', 'UNCHECKED', 'NEVER_SLOWER', 'PARALLEL_LAYERS', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR',
