@@ -269,3 +269,7 @@ def test_fold_bn_arguments(clock):
     ref = Budget_Decomposer().decompose(BN_Folder().fold(m, verbose=False), budget=0.5, verbose=False)
     assert not any(isinstance(b, nn.BatchNorm2d) for b in a.modules())
     with torch.no_grad(): assert torch.allclose(a(x), ref(x), atol=1e-6)
+    # with data= (whatever its batches hold) and no input_shape
+    d = Budget_Decomposer()
+    b = d.decompose(m, budget=0.5, fold_bn=True, data=[(torch.randn(4, 3, 32, 32), torch.zeros(4))], verbose=False)
+    assert int(d.folded.folded.sum()) == 4 and not any(isinstance(l, nn.BatchNorm2d) for l in b.modules())

@@ -639,7 +639,7 @@ class Budget_Decomposer:
         check_budget_args(model, budget, budget_on, method, input_shape, data, n_batches, compact,
                           refused)
         check_runtime(runtime)
-        self.original, self.folded = model, None
+        original, self.folded = model, None
         if fold_bn is not False:
             model = self._fold(model, fold_bn, inplace, input_shape, data)
         multiple = check_rank_multiple(rank_multiple, budget_on, model_device(model) or 'cpu')
@@ -673,7 +673,7 @@ class Budget_Decomposer:
                                    skipped=skipped, calls=calls, batch=batch, timer=timer, multiple=multiple)
         if timer is not None: fixed = self._fixed_ms(model, plans)
         # the plan's share of the folded model's time that is `budget` of the original's
-        plan_budget = budget if timer is None or self.folded is None else min(budget / self._folded_share(model), 1.0)
+        plan_budget = budget if timer is None or self.folded is None else min(budget / self._folded_share(original, model), 1.0)
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
@@ -705,7 +705,7 @@ class Budget_Decomposer:
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
-        if timer is not None: self._measure(self.original, out, plans, chosen, budget, cost, inplace, latency_table)
+        if timer is not None: self._measure(original, out, plans, chosen, budget, cost, inplace, latency_table)
         self.report = tidy_report(self.report)
         self._summarize(reports, len(chosen), len(plans), cost, ref, budget, budget_on, verbose,
                         'the dense original' if blocks and budget_of == 'dense' else None)
@@ -716,15 +716,16 @@ class Budget_Decomposer:
         if not isinstance(fold_bn, bool): raise TypeError(f'fold_bn must be True or False, got {fold_bn!r}')
         if inplace:
             raise ValueError('fold_bn=True decomposes a copy with its BatchNorm layers folded: it cannot work inplace=True')
-        sample = timing_input(model, input_shape, data) if input_shape is not None or data is not None else None
+        # the sample only checks what a Linear → BatchNorm1d sees; data may hold batches of any kind
+        sample = layer_input(model, input_shape) if input_shape is not None else None
         folder = BN_Folder()
         out = folder.fold(model, sample=sample, verbose=False)
         self.folded = folder.report
         return out
 
-    def _folded_share(self, folded) -> float:
+    def _folded_share(self, original, folded) -> float:
         "The folded model's time over the original's, timed side by side (their ms in `self._unfolded`)."
-        orig_ms, fold_ms = model_ms([self.original, folded], self._x, self._runtime)
+        orig_ms, fold_ms = model_ms([original, folded], self._x, self._runtime)
         self._unfolded = dict(dense_ms=orig_ms, folded_ms=fold_ms)
         return fold_ms / orig_ms
 
