@@ -273,3 +273,18 @@ def test_fold_bn_arguments(clock):
     d = Budget_Decomposer()
     b = d.decompose(m, budget=0.5, fold_bn=True, data=[(torch.randn(4, 3, 32, 32), torch.zeros(4))], verbose=False)
     assert int(d.folded.folded.sum()) == 4 and not any(isinstance(l, nn.BatchNorm2d) for l in b.modules())
+
+
+class _Plan:
+    "A layer whose block costs 2 per rank against a dense cost of 10: ranks 5 and up are no cheaper than the layer."
+    name, dense, full = 'a', 10.0, (8,)
+    def cost(self, r): return 2.0 * r[0]
+    def shrinks(self, r): return True
+    def grow(self, r): return [((r[0] + 1,), 1.0)] if r[0] < self.full[0] else []
+
+
+def test_fill_never_grows_a_block_to_cost_its_layer():
+    "Spending what is left under the target stops before a block would cost as much as its layer."
+    ranks, cost = B._fill([_Plan()], {'a': (2,)}, 4.0, target=100.0, tol=0.0)
+    assert ranks == {'a': (4,)} and cost == 8.0
+

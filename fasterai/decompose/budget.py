@@ -212,7 +212,8 @@ def _flat(u): return [x for v in u.values() for x in v] if isinstance(u, dict) e
 def _fill(plans, ranks, cost, target, tol, max_steps=500):
     """Spend what one threshold leaves under `target` (its steps can be coarse on a small model):
     add one rank (one multiple) at a time to the decomposed layer slot with the most energy per unit
-    of cost that still fits, until within `tol` or nothing fits."""
+    of cost that still fits, until within `tol` or nothing fits. A block is never grown to cost as much
+    as its layer (timed ranks can cross it: a large block can run slower than the dense layer)."""
     by = {p.name: p for p in plans}
     for _ in range(max_steps):
         if target - cost <= tol: break
@@ -222,7 +223,7 @@ def _fill(plans, ranks, cost, target, tol, max_steps=500):
             p, now = by[name], by[name].cost(r)
             for nr, gain in p.grow(r):
                 dc = p.cost(nr) - now
-                if 0 < dc <= target - cost and p.shrinks(nr):
+                if 0 < dc <= target - cost and p.cost(nr) < p.dense and p.shrinks(nr):
                     v = gain / dc
                     if best is None or v > best[0]: best = (v, name, nr, dc)
         if best is None: break
