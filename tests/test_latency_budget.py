@@ -288,3 +288,34 @@ def test_fill_never_grows_a_block_to_cost_its_layer():
     ranks, cost = B._fill([_Plan()], {'a': (2,)}, 4.0, target=100.0, tol=0.0)
     assert ranks == {'a': (4,)} and cost == 8.0
 
+
+
+def test_a_missed_budget_says_how_much_time_it_may_not_cut(clock):
+    "The warning and `latency['uncut_ms']` give the time outside the planned layers: the clock's fixed cost and the rest."
+    m, d = cnn(), Budget_Decomposer()
+    with pytest.warns(UserWarning, match=r'out of reach: \d+% of the dense time') as w:
+        d.decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    assert not any('fold_bn=True' in str(x.message) for x in w)                       # no BatchNorm to fold
+    planned = set(d.report.name[d.report.ms_before.notna()])
+    shapes = {}
+    hooks = [l.register_forward_pre_hook(lambda mod, a, n=n: shapes.setdefault(n, tuple(a[0].shape)) and None)
+             for n, l in m.named_modules() if n in planned]
+    with torch.inference_mode(): m(torch.randn(SHAPE))
+    for h in hooks: h.remove()
+    dense = model_time(m, torch.randn(SHAPE))
+    uncut = dense - sum(leaf_ms(m.get_submodule(n), s) for n, s in shapes.items())
+    assert len(planned) >= 2 and uncut > 0.05
+    assert d.latency['uncut_ms'] == pytest.approx(uncut, rel=1e-6)
+
+
+def test_a_missed_budget_points_to_fold_bn_on_a_model_with_batchnorm(clock):
+    m = cnn_bn()
+    with pytest.warns(UserWarning, match='fold_bn=True folds its 4 BatchNorm'):
+        Budget_Decomposer().decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        d = Budget_Decomposer()
+        d.decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, fold_bn=True, verbose=False)
+    msgs = [str(x.message) for x in w]
+    assert any('out of reach' in s for s in msgs) and not any('fold_bn=True folds' in s for s in msgs)
+    assert 0 < d.latency['uncut_ms'] < d.latency['folded_dense_ms']

@@ -541,6 +541,13 @@ def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
 CALIBRATE_TOL = 0.03    # a plan measured within 3% of its target (relative) needs no re-planning
 LATENCY_TOL = 0.1       # a result measured further than 10% from its target is warned about
 
+def _fold_hint(model: nn.Module, folded) -> str:
+    "What `fold_bn=True` would take off a latency the budget missed: nothing once folded, or with no BatchNorm."
+    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if folded is not None or not n: return ''
+    return (f'; fold_bn=True folds its {n} BatchNorm layer(s) into the convs and Linears before them, for a model that will '
+            'not be trained further')
+
 def skeleton(model: nn.Module, plans, ranks: dict) -> nn.Module:
     """A copy of `model` with every layer that `ranks` (name → ranks or None) cuts replaced by an
     untrained block of those ranks: the plan's shapes, to time before anything is factored."""
@@ -678,6 +685,10 @@ class Budget_Decomposer:
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
+        # the share of the dense time in what no plan can change (as a share of the model passed)
+        if timer is not None:
+            folded = 1.0 if self.folded is None else self._unfolded['folded_ms'] / self._unfolded['dense_ms']
+            self._uncut = fixed / NS_PER_MS / self._dense_ms * folded
         now, dense = block_costs(blocks, budget_on, calls, batch) if budget_on != 'latency' else (0, 0)
         # params and latency already count the blocks as they are; the MACs count candidates only
         if budget_on == 'macs': fixed += now
@@ -801,12 +812,13 @@ class Budget_Decomposer:
                             planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before,
                             layout=self._layout)
         if self.folded is not None: self.latency['folded_dense_ms'] = self._unfolded['folded_ms'] * before / self._unfolded['dense_ms']
+        self.latency['uncut_ms'] = self._uncut * before
         # faster than asked with nothing cut (folding the BatchNorms was enough) is no miss
         if abs(after / before - budget) > LATENCY_TOL * budget and (chosen or after / before > budget):
-            far = (' out of reach: the layers it may cut hold too little of the time (pooling, activations, '
-                   "normalization and the layers left out stay); ask for more, or let more layers in (method='auto' "
-                   'reaches 1×1 convs, layers=/exclude=)' if after / before > budget else
-                   ' the closest plan found (few, large layers make coarse steps)')
+            far = (f' out of reach: {self._uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
+                   'normalization, the layers left out) and the blocks cost time too; ask for more, or let more '
+                   "layers in (method='auto' reaches 1×1 convs, layers=/exclude=)" + _fold_hint(model, self.folded)
+                   if after / before > budget else ' the closest plan found (few, large layers make coarse steps)')
             warnings.warn(f'budget={budget} of the {self._runtime} latency: the decomposed model measured '
                           f'{after / before:.1%} of the dense time,{far}')
         if table is not None and not isinstance(table, LatencyTable): self.latency_table.save(table)
