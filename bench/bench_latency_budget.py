@@ -11,6 +11,8 @@ For each torchvision model (weights=None, eval, 3×224×224), batch size and run
   (c) the same with `method='auto'` (Tucker-2, channel SVD or dense per layer).
 With `--fold-bn`, (b) and (c) pass `fold_bn=True`: every BatchNorm is folded into the conv before it first, and the
 budget stays a share of the unfolded dense model's time (the folded dense model's share is in the row).
+With `--a-in-runtime`, onnxruntime rows add (a) with `runtime='onnxruntime'`: the default call, its blocks timed in
+onnxruntime (exported layer and block) instead of eager mode.
 Dense and decomposed models are timed in one process, interleaved (`fasterai.decompose.latency.model_ms`: fastest of
 rounds, repeated until stable), in runtime R. Reported: the MAC ratio (dense / decomposed, torch's FLOP counter via
 `fasterai.demo.model_macs`), the speed ratio (dense ms / decomposed ms), the share of the MAC ratio reached (speed
@@ -38,6 +40,7 @@ p.add_argument('--threads', type=int, default=2)
 p.add_argument('--fold-bn', action='store_true', help='(b) and (c) with fold_bn=True (BatchNorms folded first)')
 p.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'latency_budget.json'))
 p.add_argument('--append', action='store_true', help='add rows to the rows already in --out')
+p.add_argument('--a-in-runtime', action='store_true', help="(a) in onnxruntime with runtime='onnxruntime' (its blocks timed there)")
 ARGS = p.parse_args()
 
 import torch, torchvision
@@ -66,19 +69,25 @@ for name in ARGS.models:
             a = ca.decompose(dense, method='tucker', percent_removed=0.5, input_shape=tuple(x.shape), verbose=False)
             ta = time.time() - t
         for rt in ARGS.runtimes:
-            models = {'(a) tucker 0.5 (default)': (a, ta, None)} if a is not None else {}
+            models = {'(a) tucker 0.5 (default)': (a, ta, None, ca.report)} if a is not None else {}
+            if a is not None and ARGS.a_in_runtime and rt != 'eager':    # the default, its blocks timed in `rt`
+                t = time.time()
+                cr = Conv_Decomposer()
+                ar = cr.decompose(dense, method='tucker', percent_removed=0.5, input_shape=tuple(x.shape), runtime=rt,
+                                  verbose=False)
+                models[f'(a) tucker 0.5, runtime={rt!r}'] = (ar, time.time() - t, None, cr.report)
             for c, meth in (('b', 'tucker'), ('c', 'auto')):
                 if c not in ARGS.configs: continue
                 d, t = Budget_Decomposer(), time.time()
                 m = d.decompose(dense, budget=ARGS.budget, budget_on='latency', method=meth, input_shape=tuple(x.shape),
                                 runtime=rt, latency_table=tables[rt], verbose=False, fold_bn=ARGS.fold_bn)
-                models[f'({c}) latency {ARGS.budget}, {meth}' + (', fold_bn' if ARGS.fold_bn else '')] = (m, time.time() - t, d)
+                models[f'({c}) latency {ARGS.budget}, {meth}' + (', fold_bn' if ARGS.fold_bn else '')] = (m, time.time() - t, d, d.report)
             # the dense model with every conv weight channels-last: how much of a speed-up the layout alone gives
             extra = [channels_last_convs(copy.deepcopy(dense))] if rt == 'eager' else []
             t_all = model_ms([dense] + extra + [v[0] for v in models.values()], x, rt, min_time=0.5)
             layout_only = t_all[0] / t_all[1] if extra else None
             times = [t_all[0]] + t_all[1 + len(extra):]
-            for (cfg, (m, secs, d)), ms in zip(models.items(), times[1:]):
+            for (cfg, (m, secs, d, rep)), ms in zip(models.items(), times[1:]):
                 mc = model_macs(m, tuple(x.shape))
                 r = dict(model=name, batch=bs, runtime=rt, config=cfg, dense_ms=times[0], ms=ms, mac_ratio=md / mc,
                          speed_ratio=times[0] / ms, share_of_mac_ratio=(times[0] / ms) / (md / mc), decompose_s=secs,
@@ -86,12 +95,14 @@ for name in ARGS.models:
                 if d is not None:
                     r.update(target_share=ARGS.budget, measured_share=ms / times[0],
                              measured_share_in_call=d.latency['measured_share'], calibration=d.calibration)
+                    if 'uncut_ms' in d.latency:            # the time in what no plan can change, as the call measured it
+                        r['uncut_share_in_call'] = d.latency['uncut_ms'] / d.latency['dense_ms']
                     if 'folded_dense_ms' in d.latency:     # the dense model with its BatchNorms folded, in the call
                         r['folded_dense_share_in_call'] = d.latency['folded_dense_ms'] / d.latency['dense_ms']
-                rep = (d or ca).report                 # how many layers the call decomposed (0: the model is the dense one)
                 r['decomposed'] = int((rep.status == 'decomposed').sum())
                 doc['rows'].append(r); save()
                 tgt = f"  latency {100 * ms / times[0]:.0f}% (target {100 * ARGS.budget:.0f}%)" if d is not None else ''
+                if 'uncut_share_in_call' in r: tgt += f", {100 * r['uncut_share_in_call']:.0f}% uncuttable"
                 print(f"{name:18s} b{bs} {rt:11s} {cfg:28s} MACs ÷{md / mc:.2f}  speed ×{times[0] / ms:.2f}  "
                       f"share {100 * (times[0] / ms) / (md / mc):.0f}%{tgt}  ({times[0]:.1f} → {ms:.1f} ms; "
                       f"decompose {secs:.0f} s)", flush=True)

@@ -5,7 +5,7 @@ and checks only what it returns, not which is faster."""
 import pytest, torch
 from torch import nn
 from fasterai.decompose.all import *
-from fasterai.decompose.core import Decomposer
+from fasterai.decompose.core import Decomposer, time_pair
 from helpers import snapshot, same
 
 
@@ -175,3 +175,36 @@ def test_never_slower_off_times_nothing(monkeypatch):
     d = Conv_Decomposer()
     out = d.decompose(m, method='svd', percent_removed=0.75, input_shape=(1, 3, 16, 16), verbose=False)
     assert not timer.seen and (d.report.status == 'decomposed').sum() >= 2
+
+
+@pytest.mark.parametrize('runtime', ['eager', 'onnxruntime'])
+def test_blocks_are_timed_in_the_runtime_asked_for(monkeypatch, runtime):
+    "`runtime=` reaches the timer of every layer, Conv and Linear, and through a budget too; 'eager' keeps the plain call."
+    got = []
+    def timer(a, b, x, **kwargs):
+        got.append(kwargs.get('runtime', 'eager'))
+        return 1.0, 0.5
+    monkeypatch.setattr(Decomposer, 'timer', staticmethod(timer))
+    Conv_Decomposer().decompose(cnn(), method='tucker', input_shape=(1, 3, 16, 16), min_speedup=1.0, runtime=runtime, verbose=False)
+    n_conv = len(got)
+    FC_Decomposer().decompose(cnn(), input_shape=(1, 3, 16, 16), min_speedup=1.0, runtime=runtime, verbose=False)
+    assert n_conv >= 2 and len(got) > n_conv and set(got) == {runtime}
+    got.clear()
+    decompose(cnn(), budget=0.5, budget_on='params', input_shape=(1, 3, 16, 16), min_speedup=1.0, runtime=runtime, verbose=False)
+    assert len(got) >= 2 and set(got) == {runtime}
+
+
+def test_a_layer_and_its_block_time_in_onnxruntime():
+    "The real timer in onnxruntime: both exported, both timed, positive milliseconds (which is faster is the machine's)."
+    pytest.importorskip('onnxruntime')
+    conv = nn.Conv2d(16, 32, 3, padding=1, padding_mode='reflect')
+    block = Conv_Decomposer().decompose(nn.Sequential(conv), method='tucker', min_speedup=None, verbose=False)[0]
+    a, b = time_pair(conv, block, torch.randn(1, 16, 12, 12), runtime='onnxruntime', min_time=0.01)
+    assert a > 0 and b > 0
+
+
+def test_runtime_is_checked():
+    with pytest.raises(ValueError, match='runtime must be one of'):
+        Conv_Decomposer().decompose(cnn(), input_shape=(1, 3, 16, 16), runtime='tvm')
+    with pytest.raises(ValueError, match='runtime must be one of'):
+        FC_Decomposer().decompose(cnn(), input_shape=(1, 3, 16, 16), runtime='ort')

@@ -709,7 +709,7 @@ class Budget_Decomposer:
         passed = dict(input_shape=input_shape, output_grams=grams, data=data, n_batches=n_batches,
                       sequential=sequential,
                       compensate=compensate, shrinkage=shrinkage, allow_growth=allow_growth,
-                      min_speedup=min_speedup)
+                      min_speedup=min_speedup, runtime=runtime)
         conv_args = dict(passed, n_iter=n_iter, tol=tol, cp_iter=cp_iter)
         out, reports = run_decomposers(model, plans, chosen, method, conv_args,
                                        dict(passed, compact=compact), self.after_layer)
@@ -815,7 +815,7 @@ class Budget_Decomposer:
         self.latency['uncut_ms'] = self._uncut * before
         # faster than asked with nothing cut (folding the BatchNorms was enough) is no miss
         if abs(after / before - budget) > LATENCY_TOL * budget and (chosen or after / before > budget):
-            far = (f' out of reach: {self._uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
+            far = (f' out of reach: about {self._uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
                    'normalization, the layers left out) and the blocks cost time too; ask for more, or let more '
                    "layers in (method='auto' reaches 1×1 convs, layers=/exclude=)" + _fold_hint(model, self.folded)
                    if after / before > budget else ' the closest plan found (few, large layers make coarse steps)')

@@ -19,6 +19,7 @@ from .stats import *
 from .sensitivity import *
 from .surgery import *
 from .core import *
+from .latency import check_runtime
 
 # %% auto #0
 __all__ = ['Conv_Decomposer']
@@ -52,13 +53,15 @@ class Conv_Decomposer(Decomposer):
                   shrinkage='auto',                 # of the input moments (`InputStats.estimate`)
                   output_grams=None,                # output weighting: None, 'auto' or Grams
                   min_speedup='auto',               # keep only blocks this much faster ('auto': never slower)
+                  runtime: str = 'eager',           # where min_speedup times blocks: 'eager' or 'onnxruntime'
                   verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible convolutions replaced by `method` blocks; the report is
         in `self.report`. With `data`, `output_grams='auto'` (or a dict from `output_grams`) also
         weighs each layer's output channels by how much the model's output reads them; `decompose`
         turns it on by default. With `min_speedup` (and `input_shape` or `data`), a block is kept
         only if it runs at least that many times faster than its layer at the layer's input shape
-        (timed here; see `time_pair`); `'auto'` is 1.0 when the shape is known (see `check_min_speedup`)."""
+        (timed here, in `runtime`; see `time_pair`); `'auto'` is 1.0 when the shape is known (see
+        `check_min_speedup`)."""
         check_model(model)
         if method == 'auto':
             raise ValueError("method='auto' chooses a method per layer within a budget: use decompose(model, budget=..., "
@@ -80,6 +83,8 @@ class Conv_Decomposer(Decomposer):
             raise ValueError(f'cp_iter must be None or an int >= 1, got {cp_iter!r}')
         check_shrinkage(shrinkage)
         min_speedup = check_min_speedup(min_speedup, input_shape, data)
+        check_runtime(runtime)
+        self._runtime = runtime
         store_attr('method,percent_removed,energy_threshold,n_iter,tol,rank,calibration,allow_growth,cp_iter,shrinkage')
         return self.calibrated_run(model, data, n_batches, sequential, compensate, output_grams, input_shape,
                                    layers, exclude, inplace, verbose, min_speedup)

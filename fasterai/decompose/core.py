@@ -93,9 +93,12 @@ def time_ms(fns, min_time: float = 0.05, min_rounds: int = 5, max_rounds: int = 
 
 
 def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, min_time: float = 0.05,
-              min_rounds: int = 5, max_rounds: int = 50):
+              min_rounds: int = 5, max_rounds: int = 50, runtime: str = 'eager'):
     """Fastest milliseconds of `a(x)` and of `b(x)`, timed in turns under `torch.inference_mode`
-    (`time_ms`)."""
+    (`time_ms`), or each exported and run in `runtime` ('onnxruntime', see `runner`)."""
+    if runtime != 'eager':
+        from fasterai.decompose.latency import runner     # the runtimes live with the latency tables, which import this module
+        return tuple(time_ms([runner(a, x, runtime), runner(b, x, runtime)], min_time, min_rounds, max_rounds))
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else None
     with torch.inference_mode():
         return tuple(time_ms([lambda: a(x), lambda: b(x)], min_time, min_rounds, max_rounds, sync=sync))
@@ -276,8 +279,9 @@ class Decomposer:
     report: pd.DataFrame = None
     # called as after_layer(name, layer, block or None, work model) per candidate
     after_layer = None
-    # (layer, block, x) -> (ms, ms): how `min_speedup` times a block
+    # (layer, block, x) -> (ms, ms): how `min_speedup` times a block; called with runtime= unless it is 'eager'
     timer = staticmethod(time_pair)
+    _runtime = 'eager'
     _ranks_keys, _ranks_alias = (), {}
     # set by `calibrated_run`: may layers be factored side by side (`layer_workers`)?
     independent = False
@@ -420,7 +424,8 @@ class Decomposer:
     def _timed(self, m, block, in_shape, min_speedup, row):
         """`block`, or None when it is not `min_speedup` times faster than `m` (the times and the
         reason go in `row`)."""
-        row['ms_before'], row['ms_after'] = self.timer(m, block, layer_input(m, in_shape))
+        timing = {} if self._runtime == 'eager' else dict(runtime=self._runtime)
+        row['ms_before'], row['ms_after'] = self.timer(m, block, layer_input(m, in_shape), **timing)
         slow = slower_reason(row['ms_before'], row['ms_after'], min_speedup)
         if slow: block, row['reason'] = None, slow
         return block

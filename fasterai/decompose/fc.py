@@ -17,6 +17,7 @@ from .stats import *
 from .sensitivity import *
 from .surgery import *
 from .core import *
+from .latency import check_runtime
 
 # %% auto #0
 __all__ = ['FC_Decomposer']
@@ -48,6 +49,7 @@ class FC_Decomposer(Decomposer):
                   output_grams=None,                # output weighting: None, 'auto' or Grams
                   compact: bool = False,            # store the second Linear as a `CompactLinear`
                   min_speedup='auto',               # keep only blocks this much faster ('auto': never slower)
+                  runtime: str = 'eager',           # where min_speedup times blocks: 'eager' or 'onnxruntime'
                   verbose: bool = True) -> nn.Module:
         """Return `model` with its eligible Linear layers replaced by two thin Linears; the report
         is in `self.report`. `compact=True` stores the second one as a `CompactLinear` (k(m+n) − k²
@@ -55,7 +57,7 @@ class FC_Decomposer(Decomposer):
         `output_grams`) also weighs each layer's output features by how much the model's output
         reads them; `decompose` turns it on by default. With `min_speedup` (and `input_shape` or
         `data`), a block is kept only if it runs at least that many times faster than its layer at
-        the layer's input shape (timed here; see `time_pair`); `'auto'` is 1.0 when the shape is known
+        the layer's input shape (timed here, in `runtime`; see `time_pair`); `'auto'` is 1.0 when the shape is known
         (see `check_min_speedup`)."""
         check_model(model)
         check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
@@ -64,6 +66,8 @@ class FC_Decomposer(Decomposer):
         self._ranks_keys, self._ranks_alias = set(self.ranks), {}
         check_shrinkage(shrinkage)
         min_speedup = check_min_speedup(min_speedup, input_shape, data)
+        check_runtime(runtime)
+        self._runtime = runtime
         if not isinstance(compact, bool):
             raise TypeError(f'compact must be True or False, got {compact!r}')
         store_attr('percent_removed,energy_threshold,rank,calibration,allow_growth,shrinkage,compact')
