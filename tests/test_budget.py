@@ -184,3 +184,36 @@ def test_whitened_spectra_in_groups_match_one_pass():
         assert all(torch.allclose(a, b) for a, b in zip(got, want[n]))
         assert split(n, l) is got                                  # read once, then cached
     assert calls[0] == 3
+
+
+def _separable_net():
+    "A 3×3 conv whose weight is exactly a rank-2 spatial split (k×1 then 1×k), between two 1×1 convs the budget may not touch."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1))
+    V, H = torch.randn(2, 32, 3), torch.randn(32, 2, 3)                  # V[r, c, i] (k×1), H[o, r, j] (1×k)
+    with torch.no_grad(): net[2].weight.copy_(torch.einsum('rci,orj->ocij', V, H) / 6)
+    return net.eval()
+
+
+def test_auto_takes_the_spatial_split_where_it_is_exact():
+    """Weight-only: a spatial rank 2 holds the whole kernel in 384 weights (Tucker-2 needs 708, SVD 1,920): within 7.5%
+    of the model's params (about 450 for this conv), 'auto' takes it."""
+    net = _separable_net()
+    d = Budget_Decomposer()
+    out = d.decompose(net, budget=0.075, budget_on='params', method='auto', layers=['2'], fc=False,
+                      input_shape=(1, 3, 12, 12), verbose=False)
+    row = d.report.set_index('name').loc['2']
+    assert row.status == 'decomposed' and row.method == 'spatial' and tuple(row.ranks) == (2,)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad(): ref, got = net[:3](x), out[:3](x)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_auto_with_data_weighs_the_whitened_methods_only():
+    "With data=, the spatial split's weight spectrum is not on the whitened scale: 'auto' plans Tucker-2 and SVD only."
+    net = _separable_net()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    d = Budget_Decomposer()
+    d.decompose(net, budget=0.5, budget_on='params', method='auto', layers=['2'], fc=False, data=data, verbose=False)
+    row = d.report.set_index('name').loc['2']
+    assert row.status == 'decomposed' and row.method in ('tucker', 'svd')

@@ -28,11 +28,12 @@ from .distributed import on_rank0
 from ..misc.bn_folding import BN_Folder
 
 # %% auto #0
-__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'decompose', 'LayerPlan',
-           'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args', 'check_budget_of', 'dense_like',
-           'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates', 'probe_shapes', 'layer_sensitivities',
-           'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers', 'finish_budget', 'timing_input',
-           'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer', 'latency_rows', 'Budget_Decomposer']
+__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'WHITENED_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'decompose',
+           'LayerPlan', 'auto_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
+           'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates',
+           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
+           'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer',
+           'latency_rows', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
@@ -139,7 +140,12 @@ class LayerPlan:
         return out
 
 # %% ../../nbs/12_budget.ipynb #c007
-AUTO_METHODS = ('tucker', 'svd')
+AUTO_METHODS = ('tucker', 'svd', 'spatial')
+WHITENED_METHODS = ('tucker', 'svd')        # the methods whose spectra `data=` whitens
+
+def auto_methods(data_aware: bool) -> tuple:
+    "The block types `method='auto'` weighs: all of `AUTO_METHODS`, or with data those whose spectra are whitened."
+    return WHITENED_METHODS if data_aware else AUTO_METHODS
 
 class AutoPlan:
     "One conv layer with a `LayerPlan` per method: the allocation picks the method and ranks (or dense) at each threshold."
@@ -244,7 +250,7 @@ def _budget_skip(m, base, method, owners, shared) -> str | None:
     lin = isinstance(m, nn.Linear)
     why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, method))
     if why is None and not lin and method == 'auto' and all(method_reason(m, x) for x in AUTO_METHODS):
-        why = method_reason(m, AUTO_METHODS[-1])
+        why = method_reason(m, 'svd')
     if why is None and not lin and m.groups > 1:
         why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
     return why
@@ -277,7 +283,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     `on='latency'`), and the cost of everything else in the model; `skipped` (a
     list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
     see `call_shapes`) counts the MACs of every call. `method='auto'` plans each conv with every
-    method of `AUTO_METHODS` that takes it (an `AutoPlan` when more than one does); `multiple`: see `round_rank`."""
+    method of `auto_methods` that takes it (an `AutoPlan` when more than one does); `multiple`: see `round_rank`."""
     calls, shapes = calls or {}, shapes or {}
     skipped = [] if skipped is None else skipped
     kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
@@ -287,7 +293,8 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
             if why: skipped.append((name, m, why)); continue
             lin = isinstance(m, nn.Linear)
-            meths = [x for x in AUTO_METHODS if method_reason(m, x) is None] if meth == 'auto' and not lin else [meth]
+            meths = ([x for x in auto_methods(spectra_fn is not None) if method_reason(m, x) is None]
+                     if meth == 'auto' and not lin else [meth])
             sub = []
             for mt in meths:
                 spec = _layer_spectra(name, m, mt, spectra_fn)
