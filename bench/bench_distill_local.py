@@ -1,4 +1,4 @@
-"""Issue 18, second and third passes: MiniLM cut with `compact=True` (the best cut of bench_minilm.py), then distilled
+"""Issue 18, second to fourth passes: MiniLM cut with `compact=True` (the best cut of bench_minilm.py), then distilled
 without labels, end to end on the embedding (output-only), block-local (`distill(local=...)`: each transformer layer
 trained on its own to map the teacher's input of that layer to the teacher's output), or block-local then output-only
 in the same budget, in CPU minutes.
@@ -16,7 +16,12 @@ in the same budget, in CPU minutes.
           or 'all'; warmup (0.05); calib: calibration sentences of the cut (FASTERAI_DISTILL_CALIB, 512);
           order: 'fixed' (default: batches of 32 consecutive sentences of the sample, the same order every pass) or
           'bucket' (the sentences sorted by token length into batches of 32, the batches shuffled, anew each pass);
-          max_len: token cap (64).
+          max_len: token cap (64);
+          target (fourth pass; output-only phases): the end-to-end loss, one or two terms joined by '+': 'pooled'
+                (default: 1 - cosine of the pooled embeddings), 'token_cos' (1 - cosine of `last_hidden_state` per real
+                token), 'token_mse' (MSE of `last_hidden_state` per real token, relative to the teacher's mean square);
+                a second term goes through a hook on the last block (whose output is `last_hidden_state`) with weight
+                token_weight (1.0), e.g. 'pooled+token_mse', 'token_cos+token_mse'.
     FASTERAI_DISTILL_THREADS (2), FASTERAI_DISTILL_CALIB (512 calibration sentences for the cut),
     FASTERAI_DISTILL_CACHE (/tmp/fasterai_distill_cuts: the cuts are saved there and reused by later runs),
     FASTERAI_DISTILL_OUT (another results file, e.g. for a smoke test).
@@ -108,8 +113,23 @@ def main(runs):
         torch.save(cut, f)
         return cut, (time.process_time() - c0) / 60
 
+    def output_kw(r):
+        "The end-to-end loss of `target`: one or two of 'pooled', 'token_cos', 'token_mse' joined by '+'."
+        terms = r.get('target', 'pooled').split('+')
+        bad = [t for t in terms if t not in ('pooled', 'token_cos', 'token_mse')]
+        if bad or len(terms) != len(set(terms)) or not 1 <= len(terms) <= 2 or 'token_mse' in terms[:-1]:
+            raise ValueError(f"target: one or two of 'pooled', 'token_cos', 'token_mse' joined by '+' (pooled or token_cos first), got {r.get('target')!r}")
+        kw = dict(loss=None)
+        if terms[0] == 'pooled': kw = dict(loss='cosine', output=pooled)
+        elif terms[0] == 'token_cos': kw = dict(loss='cosine', output='last_hidden_state')
+        rest = terms[1:] if terms[0] != 'token_mse' else terms
+        if rest:   # the last block's output (= last_hidden_state), per real token, through a layer hook
+            kw.update(layers=[blocks[-1]], layer_loss='cosine' if rest[0] == 'token_cos' else 'mse',
+                      layer_weight=r.get('token_weight', 1.0))
+        return kw
+
     def kwargs(kind, r):
-        kw = (dict(loss='cosine', output=pooled) if kind == 'output' else dict(layers=blocks, local=r.get('inputs', 'teacher')))
+        kw = (output_kw(r) if kind == 'output' else dict(layers=blocks, local=r.get('inputs', 'teacher')))
         return dict(**kw, trainable=r.get('trainable', 'decomposed'), mode='eval', seed=0)
 
     def step_costs(cut, kw, bl):
@@ -173,7 +193,7 @@ def main(runs):
             every = max(1, steps // points)
             curve, spent, t = [dict(step=0, cpu_min=0.0, **cos(cut))], [0.0], [0.0]
             student = copy.deepcopy(cut)
-            label = f"{keep:.0%} {kind} {r.get('order', 'fixed')} lr {r['lr']}{'/' + str(r['lr_out']) if 'lr_out' in r else ''} {r.get('trainable', 'decomposed')}"
+            label = f"{keep:.0%} {kind} {r.get('target', 'pooled')} {r.get('order', 'fixed')} lr {r['lr']}{'/' + str(r['lr_out']) if 'lr_out' in r else ''} {r.get('trainable', 'decomposed')}"
             for ph in plan:
                 def on_step(rec, ph=ph):
                     spent[0] += time.process_time() - t[0]
