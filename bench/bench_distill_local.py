@@ -1,4 +1,4 @@
-"""Issue 18, second and third passes: MiniLM cut with `compact=True` (the best cut of bench_minilm.py), then distilled
+"""Issue 18, second to fourth passes: MiniLM cut with `compact=True` (the best cut of bench_minilm.py), then distilled
 without labels, end to end on the embedding (output-only), block-local (`distill(local=...)`: each transformer layer
 trained on its own to map the teacher's input of that layer to the teacher's output), or block-local then output-only
 in the same budget, in CPU minutes.
@@ -16,7 +16,18 @@ in the same budget, in CPU minutes.
           or 'all'; warmup (0.05); calib: calibration sentences of the cut (FASTERAI_DISTILL_CALIB, 512);
           order: 'fixed' (default: batches of 32 consecutive sentences of the sample, the same order every pass) or
           'bucket' (the sentences sorted by token length into batches of 32, the batches shuffled, anew each pass);
-          max_len: token cap (64).
+          max_len: token cap (64);
+          target (fourth pass; output-only phases): the end-to-end loss, one or two terms joined by '+': 'pooled'
+                (default: 1 - cosine of the pooled embeddings), 'token_cos' (1 - cosine of `last_hidden_state` per real
+                token), 'token_mse' (MSE of `last_hidden_state` per real token, relative to the teacher's mean square);
+                a second term goes through a hook on the last block (whose output is `last_hidden_state`) with weight
+                token_weight (1.0), e.g. 'pooled+token_mse', 'token_cos+token_mse'; 'hidden_mse' (last): the mean over
+                the 6 blocks of the relative MSE of each block's output per real token (end to end, not block-local).
+          kind 'staged' (fourth pass): stages (e.g. [0.75, 0.5], ending at keep), shares (of cpu_min, equal by
+                default): stage 0 distils the one-cut compact cut at stages[0]; each later stage merges the student's
+                factors into dense Linears (merge_blocks), cuts it again (compact, data-aware, the same calibration
+                sentences) to stages[i] of the dense encoder's Linear params and distils on (output-only, target,
+                lr, warmup, order 'bucket' by default); the cuts' CPU is reported (stages), not counted in cpu_min.
     FASTERAI_DISTILL_THREADS (2), FASTERAI_DISTILL_CALIB (512 calibration sentences for the cut),
     FASTERAI_DISTILL_CACHE (/tmp/fasterai_distill_cuts: the cuts are saved there and reused by later runs),
     FASTERAI_DISTILL_OUT (another results file, e.g. for a smoke test).
@@ -40,7 +51,7 @@ from _env import env_info
 from fasterai.decompose.all import *
 from fasterai.decompose.budget import decompose
 from fasterai.decompose.batches import eval_mode
-from fasterai.decompose.distill import distill
+from fasterai.decompose.distill import distill, merge_blocks
 
 THREADS = int(os.environ.get('FASTERAI_DISTILL_THREADS', 2))
 torch.set_num_threads(THREADS)
@@ -108,8 +119,25 @@ def main(runs):
         torch.save(cut, f)
         return cut, (time.process_time() - c0) / 60
 
+    def output_kw(r):
+        "The end-to-end loss of `target`: one or two of 'pooled', 'token_cos', 'token_mse' joined by '+'."
+        terms = r.get('target', 'pooled').split('+')
+        hook = ('token_mse', 'hidden_mse')
+        bad = [t for t in terms if t not in ('pooled', 'token_cos') + hook]
+        if bad or len(terms) != len(set(terms)) or not 1 <= len(terms) <= 2 or any(t in hook for t in terms[:-1]):
+            raise ValueError(f"target: one or two of 'pooled', 'token_cos', 'token_mse', 'hidden_mse' joined by '+' "
+                             f"(pooled or token_cos first), got {r.get('target')!r}")
+        kw = dict(loss=None)
+        if terms[0] == 'pooled': kw = dict(loss='cosine', output=pooled)
+        elif terms[0] == 'token_cos': kw = dict(loss='cosine', output='last_hidden_state')
+        rest = terms[1:] if terms[0] not in hook else terms
+        if rest:   # the last block's output (= last_hidden_state), or every block's, per real token, through layer hooks
+            kw.update(layers=blocks if rest[0] == 'hidden_mse' else [blocks[-1]],
+                      layer_loss='cosine' if rest[0] == 'token_cos' else 'mse', layer_weight=r.get('token_weight', 1.0))
+        return kw
+
     def kwargs(kind, r):
-        kw = (dict(loss='cosine', output=pooled) if kind == 'output' else dict(layers=blocks, local=r.get('inputs', 'teacher')))
+        kw = (output_kw(r) if kind == 'output' else dict(layers=blocks, local=r.get('inputs', 'teacher')))
         return dict(**kw, trainable=r.get('trainable', 'decomposed'), mode='eval', seed=0)
 
     def step_costs(cut, kw, bl):
@@ -142,6 +170,48 @@ def main(runs):
         max_len = r.get('max_len', 64)
         if kind == 'before':
             res['cos'] = cos(cut)
+        elif kind == 'staged':
+            # stage i: (i > 0) merge the factors of the distilled student back into dense Linears and cut it again,
+            # data-aware, to stages[i] of the dense encoder's Linear params; then distil output-only for shares[i] of
+            # the CPU budget. Stage 0 is the cached one-cut compact cut. The decompositions' CPU is reported, not counted.
+            keeps = r['stages']
+            shares = r.get('shares', [1 / len(keeps)] * len(keeps))
+            if keeps[-1] != keep or len(shares) != len(keeps): raise ValueError('staged: stages must end at keep, one share per stage')
+            data = stream(r.get('order', 'bucket'), max_len)
+            kw = dict(kwargs('output', r), lr=r['lr'])
+            budget_s, pts = r['cpu_min'] * 60, r.get('points', 2)
+            label = f"{keep:.0%} staged {keeps} {r.get('target', 'pooled')} lr {r['lr']}"
+            start, spent, t, curve, info = 0, [0.0], [0.0], [], []
+            calib = batches(train_s[:calib_n])
+            for i, (k, sh) in enumerate(zip(keeps, shares)):
+                if i == 0: student, dmin = copy.deepcopy(get_cut(k, calib_n)[0]), None
+                else:
+                    merged = merge_blocks(student)
+                    c0 = time.process_time()
+                    student = decompose(merged, budget=1 - (1 - k) * lin / total, conv=False, layers=['encoder'], data=calib,
+                                        n_batches=len(calib), compact=True, verbose=False)
+                    dmin = (time.process_time() - c0) / 60
+                c = cos(student)
+                curve.append(dict(step=start, stage=i, cpu_min=round(spent[0] / 60, 3), cut=True, **c))
+                print(f"  {label}: stage {i} cut to {k:.0%} ({dmin if dmin is None else round(dmin, 2)} CPU-min), {c}", flush=True)
+                m = cost_model(student, kw, data)
+                n = steps_for(m, data, start, sh * budget_s)
+                every = max(1, n // pts)
+                def on_step(rec, i=i, n=n, start=start):
+                    spent[0] += time.process_time() - t[0]
+                    if rec['step'] % every == 0 or rec['step'] == n:
+                        c = cos(student)
+                        curve.append(dict(step=start + rec['step'], stage=i, cpu_min=round(spent[0] / 60, 3), loss=round(rec['loss'], 5), **c))
+                        print(f"  {label}: stage {i} step {rec['step']}/{n}, {spent[0] / 60:.2f} CPU-min, loss {rec['loss']:.4f}, {c}", flush=True)
+                    t[0] = time.process_time()
+                t[0] = time.process_time()
+                distill(student, dense, data[start:start + n], max_steps=n, inplace=True, on_step=on_step,
+                        warmup=r.get('warmup', 0.05), **kw)
+                info.append(dict(stage=i, keep=k, linear_kept=(n_params(student) - (total - lin)) / lin, decompose_cpu_min=dmin,
+                                 start=start, steps=n, cost_a=m[0], cost_b=m[1]))
+                start += n
+            res.update(steps=start, stages=info, curve=curve, cos=curve[-1], linear_kept=info[-1]['linear_kept'],
+                       sentences=start * BS, sentences_per_cpu_min=start * BS / max(spent[0] / 60, 1e-9))
         elif kind == 'throughput':
             n = r.get('steps', 16)
             kw = kwargs(r.get('loss', 'output'), r)
@@ -173,7 +243,7 @@ def main(runs):
             every = max(1, steps // points)
             curve, spent, t = [dict(step=0, cpu_min=0.0, **cos(cut))], [0.0], [0.0]
             student = copy.deepcopy(cut)
-            label = f"{keep:.0%} {kind} {r.get('order', 'fixed')} lr {r['lr']}{'/' + str(r['lr_out']) if 'lr_out' in r else ''} {r.get('trainable', 'decomposed')}"
+            label = f"{keep:.0%} {kind} {r.get('target', 'pooled')} {r.get('order', 'fixed')} lr {r['lr']}{'/' + str(r['lr_out']) if 'lr_out' in r else ''} {r.get('trainable', 'decomposed')}"
             for ph in plan:
                 def on_step(rec, ph=ph):
                     spent[0] += time.process_time() - t[0]

@@ -74,6 +74,36 @@ def test_dict_outputs_and_masks():
     out = distill(student, teacher, [batch] * 4, epochs=5, lr=1e-2, output='hidden')
     assert no_hooks(out, teacher)
 
+def test_token_level_output_and_layer():
+    """Token by token (how a sentence-embedding model is distilled on `last_hidden_state`): a per-token cosine on the
+    output plus a per-token relative MSE on the module that makes it; each part is what it says, padding ignored by both."""
+    import torch.nn.functional as F
+    class M(nn.Module):
+        def __init__(self): super().__init__(); self.emb = nn.Embedding(20, 8); self.fc = nn.Linear(8, 8)
+        def forward(self, input_ids, attention_mask): return {'hidden': self.fc(self.emb(input_ids))}
+    torch.manual_seed(0)
+    teacher = M(); student = copy.deepcopy(teacher)
+    with torch.no_grad(): student.fc.weight.add_(0.3 * torch.randn(8, 8))
+    ids = torch.randint(0, 20, (4, 5)); mask = torch.ones(4, 5, dtype=torch.long); mask[:, 3:] = 0
+    ids2 = ids.clone(); ids2[:, 3:] = (ids[:, 3:] + 7) % 20                    # other tokens at the padded positions only
+    crit = DistillLoss(student, teacher, loss='cosine', output='hidden', layers=['fc'], layer_loss='mse').attach()
+    def parts(ids_):
+        item = ('kwargs', {'input_ids': ids_, 'attention_mask': mask})
+        crit.recording = True
+        t = crit.teacher_forward(item); s = student(**item[1])
+        crit.recording = False
+        lo, p = crit(s, t, item)
+        return lo, p, s['hidden'].detach(), t['hidden']
+    lo, p, s, t = parts(ids)
+    m = mask.bool(); sh, th = s[m], t[m]
+    assert p['output_loss'] == pytest.approx(1 - F.cosine_similarity(sh, th, dim=-1).mean().item(), rel=1e-5)
+    assert p['layer_loss'] == pytest.approx((F.mse_loss(sh, th) / th.pow(2).mean()).item(), rel=1e-5)
+    assert lo.item() == pytest.approx(p['output_loss'] + p['layer_loss'], rel=1e-6) and p['layer_loss'] > 0.01
+    lo2, p2, s2, _ = parts(ids2)
+    assert not torch.equal(s2, s)                                              # the padded positions did change
+    assert p2 == pytest.approx(p, rel=1e-6)
+    crit.remove(); assert no_hooks(student, teacher)
+
 def test_bad_arguments():
     teacher, student, data = toy()
     with pytest.raises(ValueError, match='same model'): distill(teacher, teacher, data)
