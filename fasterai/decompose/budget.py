@@ -770,14 +770,14 @@ class Budget_Decomposer:
     def _calibrate(self, model, plans, ranks, cost, budget, fixed, rounds: int):
         """Time the plan's shapes end to end (`skeleton`, beside the dense model) and re-plan with the
         target moved by what the measurement missed, up to `rounds` times; the plan measured closest
-        to `budget` (of the dense time) wins. The measured share grows with the planned target, so once
-        two plans bracket `budget` the next target is interpolated between theirs (regula falsi), which
+        to `budget` (of the dense time) wins. The measured share grows with the planned cost, so once
+        two plans bracket `budget` the next target is interpolated between their costs (regula falsi), which
         cannot overshoot past them. The dense model counts as a plan measured at 1, so a plan that runs no
         faster than it is never kept. `self.calibration` lists (planned, measured) shares."""
         total = fixed + sum(p.dense for p in plans)
         # the dense model is a plan too, measured at 1 by definition: a plan no faster than it never wins
         target, seen, self.calibration = budget * total, [(1 - budget, {n: None for n in ranks}, total)], []
-        below = above = None                              # (target, measured share) on each side of `budget`
+        below = above = None                              # (planned cost, measured share) on each side of `budget`
         for i in range(rounds + 1):
             skel = skeleton(model, plans, ranks)
             if i == 0 and self._runtime == 'eager':       # the faster layout of the blocks' cores, kept from here on
@@ -792,12 +792,14 @@ class Budget_Decomposer:
             self.calibration.append(dict(planned=cost / total, measured=share))
             seen.append((abs(share - budget), ranks, cost))
             if abs(share - budget) <= CALIBRATE_TOL * budget or i == rounds: break
-            if share > budget: above = (target, share)
-            else: below = (target, share)
+            # from the cost the plan holds, not the target it was asked for: below the cheapest plan the layers'
+            # times predict, every target gives the same plan, and the model can measure far faster than predicted
+            if share > budget: above = (cost, share)
+            else: below = (cost, share)
             if below and above:                           # bracketed: interpolate
                 (t0, s0), (t1, s1) = below, above
                 new = t0 + (budget - s0) * (t1 - t0) / max(s1 - s0, 1e-12)
-            else: new = target * budget / share           # aim off by the ratio this plan missed by
+            else: new = cost * budget / share             # aim off by the ratio this plan missed by
             new = min(max(new, fixed), total)
             if new == target: break
             target = new
