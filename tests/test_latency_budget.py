@@ -324,7 +324,7 @@ def test_a_missed_budget_says_how_much_time_it_may_not_cut(clock):
 
 def test_a_missed_budget_points_to_fold_bn_on_a_model_with_batchnorm(clock):
     m = cnn_bn()
-    with pytest.warns(UserWarning, match='fold_bn=True folds its 4 BatchNorm'):
+    with pytest.warns(UserWarning, match=r'fold_bn=True folds the BatchNorm layers \(4 here\)'):
         Budget_Decomposer().decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')

@@ -248,9 +248,8 @@ def dense_macs(m, in_shape, calls=None, batch=None):
 def _budget_skip(m, base, method, owners, shared) -> str | None:
     "Why the global budget leaves layer `m` (an instance of `base`) dense, or None."
     lin = isinstance(m, nn.Linear)
-    why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, method))
-    if why is None and not lin and method == 'auto' and all(method_reason(m, x) for x in AUTO_METHODS):
-        why = method_reason(m, 'svd')
+    # 'auto' takes what any of its methods takes, and channel SVD takes every conv another method does
+    why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, 'svd' if method == 'auto' else method))
     if why is None and not lin and m.groups > 1:
         why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
     return why
@@ -552,8 +551,8 @@ def _fold_hint(model: nn.Module, folded) -> str:
     "What `fold_bn=True` would take off a latency the budget missed: nothing once folded, or with no BatchNorm."
     n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if folded is not None or not n: return ''
-    return (f'; fold_bn=True folds its {n} BatchNorm layer(s) into the convs and Linears before them, for a model that will '
-            'not be trained further')
+    return (f'; fold_bn=True folds the BatchNorm layers ({n} here) that follow a conv or Linear into it, for a model '
+            'that will not be trained further')
 
 def skeleton(model: nn.Module, plans, ranks: dict) -> nn.Module:
     """A copy of `model` with every layer that `ranks` (name → ranks or None) cuts replaced by an
@@ -692,10 +691,6 @@ class Budget_Decomposer:
         # its cached spectra and any moments it still holds go
         spectra_fn = None
         plans, fixed = weigh_plans(plans, fixed, sens, skipped)
-        # the share of the dense time in what no plan can change (as a share of the model passed)
-        if timer is not None:
-            folded = 1.0 if self.folded is None else self._unfolded['folded_ms'] / self._unfolded['dense_ms']
-            self._uncut = fixed / NS_PER_MS / self._dense_ms * folded
         now, dense = block_costs(blocks, budget_on, calls, batch) if budget_on != 'latency' else (0, 0)
         # params and latency already count the blocks as they are; the MACs count candidates only
         if budget_on == 'macs': fixed += now
@@ -724,7 +719,7 @@ class Budget_Decomposer:
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
-        if timer is not None: self._measure(original, out, plans, chosen, budget, cost, inplace, latency_table)
+        if timer is not None: self._measure(original, out, plans, chosen, budget, cost, fixed, inplace, latency_table)
         self.report = tidy_report(self.report)
         self._summarize(reports, len(chosen), len(plans), cost, ref, budget, budget_on, verbose,
                         'the dense original' if blocks and budget_of == 'dense' else None)
@@ -809,9 +804,10 @@ class Budget_Decomposer:
         _, ranks, cost = min(seen, key=lambda t: t[0])
         return ranks, cost
 
-    def _measure(self, model, out, plans, chosen, budget, cost, inplace, table):
+    def _measure(self, model, out, plans, chosen, budget, cost, fixed, inplace, table):
         """Each planned layer's predicted milliseconds in the report; the target, planned and measured
-        end-to-end milliseconds in `self.latency`; the table written back to its path, if it has one.
+        end-to-end milliseconds in `self.latency`, and `fixed` (what no plan changes, in ns of the model the
+        plan was made on) as `uncut_ms`; the table written back to its path, if it has one.
         The model's convs are stored in the layout calibration found faster (`channels_last_convs`)."""
         self.report = latency_rows(self.report, plans, chosen)
         if self._layout == 'channels_last': channels_last_convs(out)
@@ -820,11 +816,14 @@ class Budget_Decomposer:
         self.latency = dict(runtime=self._runtime, dense_ms=before, target_ms=budget * before,
                             planned_ms=cost / NS_PER_MS, measured_ms=after, measured_share=after / before,
                             layout=self._layout)
-        if self.folded is not None: self.latency['folded_dense_ms'] = self._unfolded['folded_ms'] * before / self._unfolded['dense_ms']
-        self.latency['uncut_ms'] = self._uncut * before
+        # the model the plan was made on (folded or not) as a share of the one passed
+        planned_on = 1.0 if self.folded is None else self._unfolded['folded_ms'] / self._unfolded['dense_ms']
+        if self.folded is not None: self.latency['folded_dense_ms'] = planned_on * before
+        uncut = fixed / NS_PER_MS / self._dense_ms * planned_on
+        self.latency['uncut_ms'] = uncut * before
         # faster than asked with nothing cut (folding the BatchNorms was enough) is no miss
         if abs(after / before - budget) > LATENCY_TOL * budget and (chosen or after / before > budget):
-            far = (f' out of reach: about {self._uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
+            far = (f' out of reach: about {uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
                    'normalization, the layers left out) and the blocks cost time too; ask for more, or let more '
                    "layers in (method='auto' reaches 1×1 convs, layers=/exclude=)" + _fold_hint(model, self.folded)
                    if after / before > budget else ' the closest plan found (few, large layers make coarse steps)')
