@@ -14,6 +14,7 @@ from fasterai.decompose.ranks import kernel_multiple
 
 OP_MS = 0.002                   # per conv or Linear call
 MS_PER_MMAC = 0.01
+THIN = {'ms': 0.0}              # what a block costs more for each conv with one output channel (set by `clock.thin_ms`)
 
 
 def leaf_ms(m, shape, block_factor=1.0):
@@ -21,7 +22,8 @@ def leaf_ms(m, shape, block_factor=1.0):
     if isinstance(m, LowRankBlock) or (isinstance(m, nn.Sequential) and len(m)):
         size = tuple(shape[2:])
         macs = block_macs(m, size) if not isinstance(m[0], nn.Linear) else sum(l.weight.numel() for l in m)
-        return block_factor * (len(m) * OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6)
+        thin = THIN['ms'] * sum(isinstance(c, nn.Conv2d) and c.out_channels == 1 for c in m)
+        return block_factor * (len(m) * OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6) + thin
     macs = layer_macs(m, tuple(shape[2:])) if not isinstance(m, nn.Linear) else m.weight.numel()
     return OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6
 
@@ -46,8 +48,14 @@ def model_time(model, x, block_factor=1.0, fixed=0.05, bn_ms=0.0):
 @pytest.fixture
 def clock(monkeypatch):
     "Patch the library's timers with the stand-in; `clock.factor` makes blocks slower in the model than alone."
-    class Clock: factor, bn_ms, alone_ms = 1.0, 0.0, 0.0
+    class Clock:
+        factor, bn_ms, alone_ms = 1.0, 0.0, 0.0
+        @property
+        def thin_ms(self): return THIN['ms']
+        @thin_ms.setter
+        def thin_ms(self, v): THIN['ms'] = v
     c = Clock()
+    THIN['ms'] = 0.0
     def table_ms(self, modules, shapes, **timing):
         out = []
         for m, s in zip(modules, shapes):
@@ -144,6 +152,41 @@ def test_a_target_out_of_reach_is_warned_about(clock):
     m = cnn()
     with pytest.warns(UserWarning, match='out of reach'):
         Budget_Decomposer().decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+
+
+def test_out_of_reach_keeps_a_plan_that_cuts_less_for_the_same_time(clock):
+    """2% of the time is out of reach: the cheapest plan cuts every layer to rank 1. Calibration then keeps the plan
+    of most rank that measures within KNEE_TOL of the fastest, and says so."""
+    m = cnn()
+    with pytest.warns(UserWarning, match='fastest plan found'):
+        d = Budget_Decomposer()
+        d.decompose(m, budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    fastest, final = d.latency['fastest_share'], d.latency['measured_share']
+    assert fastest == min(c['measured'] for c in d.calibration)
+    assert fastest <= final <= fastest * (1 + B.KNEE_TOL) + 1e-9
+    done = d.report[d.report.status == 'decomposed']
+    floor = [c for c in d.calibration if c['measured'] == fastest][0]['planned']
+    assert d.plan['planned'] / d.plan['before'] > floor                        # more planned time: more rank kept
+    assert any(max(r) > 1 for r in done.ranks)                                 # the floor plan: rank 1 everywhere
+    # a reachable target is not touched by the rule
+    u = Budget_Decomposer()
+    u.decompose(m, budget=0.5, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    assert 'fastest_share' not in u.latency
+
+
+@pytest.mark.parametrize('thin_ms', [0.0, 0.05])
+def test_ranks_timed_no_faster_are_not_cut(clock, thin_ms):
+    """A conv with one output channel costs 0.05 ms more: rank 1 is then timed slower than larger ranks, and even the
+    cheapest plan (a target out of reach) keeps the larger ones. Without that cost rank 1 is the cheapest, and kept."""
+    clock.thin_ms = thin_ms
+    d = Budget_Decomposer()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = d.decompose(cnn(), budget=0.02, budget_on='latency', method='tucker', input_shape=SHAPE, verbose=False)
+    done = d.report[d.report.status == 'decomposed']
+    assert len(done) >= 2
+    widths = [c.out_channels for n in done.name for c in out.get_submodule(n).modules() if isinstance(c, nn.Conv2d)]
+    assert (min(widths) > 1) == (thin_ms > 0), widths
 
 
 @pytest.mark.parametrize('q', [8, 16])
@@ -333,3 +376,4 @@ def test_a_missed_budget_points_to_fold_bn_on_a_model_with_batchnorm(clock):
     msgs = [str(x.message) for x in w]
     assert any('out of reach' in s for s in msgs) and not any('fold_bn=True folds' in s for s in msgs)
     assert 0 < d.latency['uncut_ms'] < d.latency['folded_dense_ms']
+

@@ -28,12 +28,12 @@ from .distributed import on_rank0
 from ..misc.bn_folding import BN_Folder
 
 # %% auto #0
-__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'WHITENED_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'decompose',
-           'LayerPlan', 'auto_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
-           'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates',
-           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
-           'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer',
-           'latency_rows', 'Budget_Decomposer']
+__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'WHITENED_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'KNEE_TOL',
+           'decompose', 'LayerPlan', 'auto_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers',
+           'check_budget_args', 'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note',
+           'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
+           'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple',
+           'latency_timer', 'latency_rows', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
@@ -123,8 +123,16 @@ class LayerPlan:
 
     def choose(self, lam, units, total):
         "The ranks at threshold `lam`, or None (dense) when their block would not be cheaper than the layer."
-        r = self.ranks_at(lam, units, total)
+        r = self.flat_top(self.ranks_at(lam, units, total))
         return r if self.cost(r) < self.dense and self.shrinks(r) else None
+
+    def flat_top(self, ranks):
+        """`ranks` raised to the top of the flat stretch of the layer's timed latency they lie on (see
+        `LayerLatency.flat_top`), where that costs no more predicted time: rank that buys no time is not cut."""
+        top = self.latency.flat_top(ranks) if hasattr(self.latency, 'flat_top') else None
+        if top is None: return ranks
+        up = tuple(max(a, b) for a, b in zip(ranks, top))
+        return up if self.cost(up) <= self.cost(ranks) else ranks
 
     def lost(self, ranks) -> float:
         "The energy the components left out by `ranks` carry, over every slot (an error measure)."
@@ -546,6 +554,7 @@ def as_latency_table(table, runtime: str, x: torch.Tensor) -> LatencyTable:
 
 CALIBRATE_TOL = 0.03    # a plan measured within 3% of its target (relative) needs no re-planning
 LATENCY_TOL = 0.1       # a result measured further than 10% from its target is warned about
+KNEE_TOL = 0.03         # out of reach: a plan measured within 3% of the fastest one counts as fast as it
 
 def _fold_hint(model: nn.Module, folded) -> str:
     "What `fold_bn=True` would take off a latency the budget missed: nothing once folded, or with no BatchNorm."
@@ -700,8 +709,9 @@ class Budget_Decomposer:
         if not (blocks and total <= budget * ref): check_plans(model, plans, skipped)
         if blocks: warnings.warn(budget_of_note(blocks, budget, budget_of, budget_on, total, ref))
         ranks, cost, _ = on_rank0(lambda: allocate(plans, plan_budget * ref, fixed))     # one plan for every process
+        fastest = None                                    # out of reach: the fastest share measured (`_knee`)
         if timer is not None and calibrate:
-            ranks, cost = on_rank0(lambda: self._calibrate(model, plans, ranks, cost, plan_budget, fixed, calibrate))
+            ranks, cost, fastest = on_rank0(lambda: self._calibrate(model, plans, ranks, cost, plan_budget, fixed, calibrate))
         # already within the budget (a decomposed model, budget_of='dense'): the note said so
         # a calibrated latency plan is judged by its measurement (`_measure`), not by its prediction
         if total > plan_budget * ref and not (timer is not None and calibrate):
@@ -719,7 +729,8 @@ class Budget_Decomposer:
         self.report = _budget_report(model, reports, plans, chosen, skipped, shapes, [conv, fc],
                                      layers, exclude,
                                      calls, batch)
-        if timer is not None: self._measure(original, out, plans, chosen, budget, cost, fixed, inplace, latency_table)
+        if timer is not None:
+            self._measure(original, out, plans, chosen, budget, cost, fixed, inplace, latency_table, fastest)
         self.report = tidy_report(self.report)
         self._summarize(reports, len(chosen), len(plans), cost, ref, budget, budget_on, verbose,
                         'the dense original' if blocks and budget_of == 'dense' else None)
@@ -762,30 +773,35 @@ class Budget_Decomposer:
                 if p.name in inside: p.time_inside(inside[p.name])
         return NS_PER_MS * max(self._dense_ms - sum(p.ms() for p in plans), 0.0)
 
+    def _time_plan(self, model, plans, ranks, first: bool = False) -> float:
+        """The measured share of the dense time of the plan `ranks` (its `skeleton`, timed beside `model`). The
+        `first` eager call also times the skeleton with its convs in channels_last and keeps the faster layout."""
+        skel = skeleton(model, plans, ranks)
+        if first and self._runtime == 'eager':
+            ms_dense, ms_plain, ms_cl = model_ms([model, skel, channels_last_convs(copy.deepcopy(skel))], self._x)
+            self._layout = 'channels_last' if ms_cl < ms_plain else 'contiguous'
+            return min(ms_plain, ms_cl) / ms_dense
+        if self._layout == 'channels_last': channels_last_convs(skel)
+        ms_dense, ms_plan = model_ms([model, skel], self._x, self._runtime)
+        return ms_plan / ms_dense
+
     def _calibrate(self, model, plans, ranks, cost, budget, fixed, rounds: int):
         """Time the plan's shapes end to end (`skeleton`, beside the dense model) and re-plan with the
         target moved by what the measurement missed, up to `rounds` times; the plan measured closest
         to `budget` (of the dense time) wins. The measured share grows with the planned cost, so once
         two plans bracket `budget` the next target is interpolated between their costs (regula falsi), which
         cannot overshoot past them. The dense model counts as a plan measured at 1, so a plan that runs no
-        faster than it is never kept. `self.calibration` lists (planned, measured) shares."""
+        faster than it is never kept. When even the cheapest plan measures above `budget`, `_knee` keeps a plan
+        that cuts less for almost the same time. `self.calibration` lists (planned, measured) shares.
+        Returns the ranks, their planned cost, and the fastest share measured when `_knee` chose (else None)."""
         total = fixed + sum(p.dense for p in plans)
-        # the dense model is a plan too, measured at 1 by definition: a plan no faster than it never wins
-        target, seen, self.calibration = budget * total, [(1 - budget, {n: None for n in ranks}, total)], []
+        # (measured share, ranks, planned cost) of each plan timed; the dense model is one, measured at 1 by definition
+        target, seen, self.calibration = budget * total, [(1.0, {n: None for n in ranks}, total)], []
         below = above = None                              # (planned cost, measured share) on each side of `budget`
         for i in range(rounds + 1):
-            skel = skeleton(model, plans, ranks)
-            if i == 0 and self._runtime == 'eager':       # the faster layout of the blocks' cores, kept from here on
-                ms_dense, ms_plain, ms_cl = model_ms([model, skel, channels_last_convs(copy.deepcopy(skel))], self._x)
-                self._layout = 'channels_last' if ms_cl < ms_plain else 'contiguous'
-                ms_plan = min(ms_plain, ms_cl)
-            else:
-                if self._layout == 'channels_last': channels_last_convs(skel)
-                ms_dense, ms_plan = model_ms([model, skel], self._x, self._runtime)
-            del skel
-            share = ms_plan / ms_dense
+            share = self._time_plan(model, plans, ranks, first=i == 0)
             self.calibration.append(dict(planned=cost / total, measured=share))
-            seen.append((abs(share - budget), ranks, cost))
+            seen.append((share, ranks, cost))
             if abs(share - budget) <= CALIBRATE_TOL * budget or i == rounds: break
             # from the cost the plan holds, not the target it was asked for: below the cheapest plan the layers'
             # times predict, every target gives the same plan, and the model can measure far faster than predicted
@@ -801,13 +817,44 @@ class Budget_Decomposer:
             nxt, cost2, _ = allocate(plans, target, fixed)
             if nxt == ranks: break
             ranks, cost = nxt, cost2
-        _, ranks, cost = min(seen, key=lambda t: t[0])
-        return ranks, cost
+        fastest = min(seen, key=lambda t: t[0])
+        if fastest[0] > budget * (1 + CALIBRATE_TOL) and allocate(plans, fixed, fixed)[0] == fastest[1]:
+            _, ranks, cost = self._knee(model, plans, seen, budget, fixed, total, rounds)
+            return ranks, cost, fastest[0]
+        _, ranks, cost = min(seen, key=lambda t: abs(t[0] - budget))
+        return ranks, cost, None
 
-    def _measure(self, model, out, plans, chosen, budget, cost, fixed, inplace, table):
+    def _knee(self, model, plans, seen, budget, fixed, total, rounds: int):
+        """Out of reach: the fastest plan measured is the cheapest the allocation can make (every layer at its
+        smallest rank, or dense) and still above `budget`. Cutting that far buys its last few percent of time
+        with most of the model's accuracy, so keep instead the plan of highest planned cost (the most rank) that
+        measures within `KNEE_TOL` of the fastest (and still within `LATENCY_TOL` of `budget` if the fastest is):
+        up to `rounds` plans are timed, each aimed by regula falsi between the costliest plan measured within
+        that limit and the cheapest measured beyond it. Returns its (share, ranks, cost)."""
+        f = min(seen, key=lambda t: t[0])[0]
+        limit = f * (1 + KNEE_TOL)
+        if f <= budget * (1 + LATENCY_TOL): limit = min(limit, budget * (1 + LATENCY_TOL))
+        within = lambda: max((t for t in seen if t[0] <= limit), key=lambda t: t[2])
+        for _ in range(rounds):
+            lo = within()
+            hi = min((t for t in seen if t[0] > limit), key=lambda t: t[2], default=None)
+            if hi is None or hi[2] <= lo[2]: break
+            aim = limit - (limit - lo[0]) / 4              # most of the way to the limit: a plan past it is not kept
+            new = lo[2] + (aim - lo[0]) * (hi[2] - lo[2]) / max(hi[0] - lo[0], 1e-12)
+            new = min(max(new, lo[2]), hi[2])
+            # the allocation's own tolerance finer than the step asked for, else it stops short at `lo`'s plan
+            ranks, cost, _ = allocate(plans, new, fixed, tol=min(0.002, max(new - lo[2], 1.0) / total / 4))
+            if any(r == ranks for _, r, _ in seen): break
+            share = self._time_plan(model, plans, ranks)
+            self.calibration.append(dict(planned=cost / total, measured=share))
+            seen.append((share, ranks, cost))
+        return within()
+
+    def _measure(self, model, out, plans, chosen, budget, cost, fixed, inplace, table, fastest=None):
         """Each planned layer's predicted milliseconds in the report; the target, planned and measured
         end-to-end milliseconds in `self.latency`, and `fixed` (what no plan changes, in ns of the model the
-        plan was made on) as `uncut_ms`; the table written back to its path, if it has one.
+        plan was made on) as `uncut_ms`; with `fastest` (the share of the fastest plan calibration measured, when
+        `_knee` chose a plan that cuts less), `fastest_share`; the table written back to its path, if it has one.
         The model's convs are stored in the layout calibration found faster (`channels_last_convs`)."""
         self.report = latency_rows(self.report, plans, chosen)
         if self._layout == 'channels_last': channels_last_convs(out)
@@ -821,12 +868,17 @@ class Budget_Decomposer:
         if self.folded is not None: self.latency['folded_dense_ms'] = planned_on * before
         uncut = fixed / NS_PER_MS / self._dense_ms * planned_on
         self.latency['uncut_ms'] = uncut * before
+        knee = ''
+        if fastest is not None:
+            self.latency['fastest_share'] = fastest * planned_on
+            knee = (f'; the fastest plan found (every layer at its smallest rank) measured {fastest * planned_on:.0%} '
+                    f'in calibration, and this plan, timed within {KNEE_TOL:.0%} of it, cuts less')
         # faster than asked with nothing cut (folding the BatchNorms was enough) is no miss
         if abs(after / before - budget) > LATENCY_TOL * budget and (chosen or after / before > budget):
             far = (f' out of reach: about {uncut:.0%} of the dense time is in what it may not cut (pooling, activations, '
                    'normalization, the layers left out) and the blocks cost time too; ask for more, or let more '
                    "layers in (method='auto' reaches 1×1 convs, layers=/exclude=)" + _fold_hint(model, self.folded)
-                   if after / before > budget else ' the closest plan found (few, large layers make coarse steps)')
+                   + knee if after / before > budget else ' the closest plan found (few, large layers make coarse steps)')
             warnings.warn(f'budget={budget} of the {self._runtime} latency: the decomposed model measured '
                           f'{after / before:.1%} of the dense time,{far}')
         if table is not None and not isinstance(table, LatencyTable): self.latency_table.save(table)

@@ -136,6 +136,15 @@ class LayerLatency:
     @property
     def dense_ms(self) -> float: return self.scale * self.alone_ms
     def ms(self, ranks) -> float: return self.scale * _interp(self._macs(ranks), self._x, self._y)
+    def flat_top(self, ranks):
+        """The timed ranks at the top of the flat stretch that the prediction at `ranks` lies on, or None. A
+        stretch is flat where a block timed at lower ranks ran no faster than at higher ones (`_monotone` raised it):
+        small ranks can run slower, so there more rank costs no predicted time."""
+        v, x, y = self._macs(ranks), self._x, self._y
+        k = max([i for i, a in enumerate(x) if a <= v], default=0)
+        if k + 1 >= len(x) or y[k + 1] != y[k]: return None
+        while k + 1 < len(x) and y[k + 1] == y[k]: k += 1
+        return self.points[k][2]
     def __repr__(self):
         pts = ', '.join(f'{r}: {t:.3g}' for _, t, r in self.points)
         return f'LayerLatency(dense {self.dense_ms:.3g} ms; block ms at ranks {pts}; scale {self.scale:.3g})'
@@ -156,7 +165,7 @@ def _interp(v, x, y) -> float:
     t = y0 if x1 == x0 else y0 + (y1 - y0) * (v - x0) / (x1 - x0)
     return max(t, 0.0)
 
-# %% ../../nbs/11a_latency.ipynb #c020
+# %% ../../nbs/11a_latency.ipynb #c022
 def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     "Fastest milliseconds of each model in `models` (a list, or one model) on input `x` in `runtime`, interleaved."
     one = isinstance(models, nn.Module)
@@ -164,7 +173,7 @@ def model_ms(models, x: torch.Tensor, runtime: str = 'eager', **timing):
     with hooked(*models): out = time_ms([runner(m, x, runtime) for m in models], **timing)
     return out[0] if one else out
 
-# %% ../../nbs/11a_latency.ipynb #c022
+# %% ../../nbs/11a_latency.ipynb #c024
 @rank0_decides
 def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 10) -> dict:
     "Fastest milliseconds of each module in `layers` (name → module) inside eager forward passes of `model` on `x`."
@@ -184,7 +193,7 @@ def in_model_ms(model: nn.Module, x: torch.Tensor, layers: dict, rounds: int = 1
             for n, t in spent.items(): best[n] = min(best.get(n, math.inf), t)
     return {n: 1000 * t for n, t in best.items()}
 
-# %% ../../nbs/11a_latency.ipynb #c025
+# %% ../../nbs/11a_latency.ipynb #c027
 def channels_last_cores(model: nn.Module) -> nn.Module:
     "`model`, with the weight of every 2-d k×k conv inside a `LowRankBlock` stored in `channels_last` (in place)."
     for blk in model.modules():
