@@ -818,6 +818,7 @@ class Budget_Decomposer:
             if nxt == ranks: break
             ranks, cost = nxt, cost2
         fastest = min(seen, key=lambda t: t[0])
+        # out of reach: the fastest plan is the cheapest the allocation makes (any target below it gives that plan)
         if fastest[0] > budget * (1 + CALIBRATE_TOL) and allocate(plans, fixed, fixed)[0] == fastest[1]:
             _, ranks, cost = self._knee(model, plans, seen, budget, fixed, total, rounds)
             return ranks, cost, fastest[0]
