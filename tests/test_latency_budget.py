@@ -14,21 +14,21 @@ from fasterai.decompose.ranks import kernel_multiple
 
 OP_MS = 0.002                   # per conv or Linear call
 MS_PER_MMAC = 0.01
-THIN = {'ms': 0.0}              # what a block costs more for each conv with one output channel (set by `clock.thin_ms`)
 
 
-def leaf_ms(m, shape, block_factor=1.0):
-    "Stand-in milliseconds of a conv, Linear or block at an input shape (batch included)."
+def leaf_ms(m, shape, block_factor=1.0, thin_ms=0.0):
+    """Stand-in milliseconds of a conv, Linear or block at an input shape (batch included); `thin_ms` more for each
+    conv of a block with one output channel."""
     if isinstance(m, LowRankBlock) or (isinstance(m, nn.Sequential) and len(m)):
         size = tuple(shape[2:])
         macs = block_macs(m, size) if not isinstance(m[0], nn.Linear) else sum(l.weight.numel() for l in m)
-        thin = THIN['ms'] * sum(isinstance(c, nn.Conv2d) and c.out_channels == 1 for c in m)
+        thin = thin_ms * sum(isinstance(c, nn.Conv2d) and c.out_channels == 1 for c in m)
         return block_factor * (len(m) * OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6) + thin
     macs = layer_macs(m, tuple(shape[2:])) if not isinstance(m, nn.Linear) else m.weight.numel()
     return OP_MS + MS_PER_MMAC * shape[0] * macs / 1e6
 
 
-def model_time(model, x, block_factor=1.0, fixed=0.05, bn_ms=0.0):
+def model_time(model, x, block_factor=1.0, fixed=0.05, bn_ms=0.0, thin_ms=0.0):
     """Stand-in end-to-end milliseconds: every conv/Linear/block at the shape it sees, `bn_ms` per BatchNorm, plus a
     fixed cost."""
     fixed = fixed + bn_ms * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -42,32 +42,26 @@ def model_time(model, x, block_factor=1.0, fixed=0.05, bn_ms=0.0):
             hooks.append(m.register_forward_pre_hook(lambda mod, a: (shapes.setdefault(id(mod), (mod, tuple(a[0].shape))), None)[1]))
     with torch.inference_mode(): model(x)
     for h in hooks: h.remove()
-    return fixed + sum(leaf_ms(m, s, block_factor if isinstance(m, LowRankBlock) else 1.0) for m, s in shapes.values())
+    return fixed + sum(leaf_ms(m, s, block_factor if isinstance(m, LowRankBlock) else 1.0, thin_ms) for m, s in shapes.values())
 
 
 @pytest.fixture
 def clock(monkeypatch):
     "Patch the library's timers with the stand-in; `clock.factor` makes blocks slower in the model than alone."
-    class Clock:
-        factor, bn_ms, alone_ms = 1.0, 0.0, 0.0
-        @property
-        def thin_ms(self): return THIN['ms']
-        @thin_ms.setter
-        def thin_ms(self, v): THIN['ms'] = v
+    class Clock: factor, bn_ms, alone_ms, thin_ms = 1.0, 0.0, 0.0, 0.0
     c = Clock()
-    THIN['ms'] = 0.0
     def table_ms(self, modules, shapes, **timing):
         out = []
         for m, s in zip(modules, shapes):
             k = self.key(m, s)
             # `alone_ms`: what a block costs more timed alone than inside the model (its layer's scaling misses it)
             extra = c.alone_ms if isinstance(m, LowRankBlock) or (isinstance(m, nn.Sequential) and len(m)) else 0.0
-            if k not in self.entries: self.entries[k] = leaf_ms(m, s) + extra; self.measured += 1
+            if k not in self.entries: self.entries[k] = leaf_ms(m, s, thin_ms=c.thin_ms) + extra; self.measured += 1
             out.append(self.entries[k])
         return out
     def fake_model_ms(models, x, runtime='eager', **timing):
         one = isinstance(models, nn.Module)
-        ts = [model_time(m, x, c.factor, bn_ms=c.bn_ms) for m in ([models] if one else models)]
+        ts = [model_time(m, x, c.factor, bn_ms=c.bn_ms, thin_ms=c.thin_ms) for m in ([models] if one else models)]
         return ts[0] if one else ts
     def fake_in_model_ms(model, x, layers, rounds=10):
         shapes = {}

@@ -129,7 +129,7 @@ class LayerPlan:
     def flat_top(self, ranks):
         """`ranks` raised to the top of the flat stretch of the layer's timed latency they lie on (see
         `LayerLatency.flat_top`), where that costs no more predicted time: rank that buys no time is not cut."""
-        top = self.latency.flat_top(ranks) if hasattr(self.latency, 'flat_top') else None
+        top = None if self.latency is None else self.latency.flat_top(ranks)
         if top is None: return ranks
         up = tuple(max(a, b) for a, b in zip(ranks, top))
         return up if self.cost(up) <= self.cost(ranks) else ranks
@@ -583,6 +583,7 @@ class _Untimed:
     alone_ms, dense_ms, scale, points = 0.0, 0.0, 1.0, []
     def __init__(self): self.multiple = 1
     def ms(self, ranks): return 0.0
+    def flat_top(self, ranks): return None
 
 def latency_timer(table: LatencyTable, calls: dict):
     "`timer(plan)` for `plan_layers`: a plan's `LayerLatency` at the input shapes of its calls, timed into `table`."
