@@ -25,7 +25,7 @@ def test_macs_budget_needs_shape_and_hits_target():
 def test_budget_bad_input():
     m = nn.Linear(4, 4)
     for kw, word in [(dict(budget=0), 'budget'), (dict(budget=1.2), 'budget'), (dict(budget_on='flops'), 'budget_on'),
-                     (dict(method='cp'), 'method')]:
+                     (dict(method='lowrank'), 'method'), (dict(method=()), 'method'), (dict(method=('svd', 'x')), 'method')]:
         with pytest.raises(ValueError, match=word): decompose(m, **kw)
 
 
@@ -209,11 +209,58 @@ def test_auto_takes_the_spatial_split_where_it_is_exact():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def test_auto_with_data_weighs_the_whitened_methods_only():
-    "With data=, the spatial split's weight spectrum is not on the whitened scale: 'auto' plans Tucker-2 and SVD only."
+def test_auto_with_data_weighs_every_method_on_the_output_error():
+    """With data=, the spatial split is weighed too, on its output error (`data_residuals`), not on a weight spectrum:
+    the exact rank-2 split wins as it does weight-only, and the block reproduces the layer on new inputs."""
     net = _separable_net()
     data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
     d = Budget_Decomposer()
-    d.decompose(net, budget=0.5, budget_on='params', method='auto', layers=['2'], fc=False, data=data, verbose=False)
+    out = d.decompose(net, budget=0.075, budget_on='params', method='auto', layers=['2'], fc=False, data=data,
+                      verbose=False)
     row = d.report.set_index('name').loc['2']
-    assert row.status == 'decomposed' and row.method in ('tucker', 'svd')
+    assert row.status == 'decomposed' and row.method == 'spatial' and tuple(row.ranks) == (2,), row
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad(): ref, got = net[:3](x), out[:3](x)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def _cp_net(r=4):
+    "A 5×5 conv whose weight is exactly r CP terms: r·(64 + 64 + 5 + 5) weights hold it (Tucker-2 needs r² 5×5 cores more)."
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(64, 64, 5, padding=2))
+    A, B, C, D = (torch.randn(d, r) for d in (64, 64, 5, 5))
+    with torch.no_grad(): net[0].weight.copy_(torch.einsum('tr,sr,ir,jr->tsij', A, B, C, D) / 20)
+    return net.eval()
+
+
+@pytest.mark.parametrize('aware', [False, True])
+def test_auto_takes_cp_where_the_weight_is_a_few_cp_terms(aware):
+    """Rank-4 CP holds the kernel in 552 weights + 64 biases; Tucker-2 at (4, 4) needs 912 + 64, and less rank loses
+    most of it. Within 0.65% of the params 'auto' takes CP (weight-only and with data), and without CP in the set
+    the same budget leaves a large error."""
+    net, x = _cp_net(), torch.randn(4, 64, 10, 10)
+    kw = dict(data=[torch.randn(8, 64, 10, 10) for _ in range(2)]) if aware else dict(input_shape=(1, 64, 10, 10))
+    errs = {}
+    for meth in ('auto', ('tucker', 'svd', 'spatial')):
+        d = Budget_Decomposer()
+        out = d.decompose(net, budget=0.0065, budget_on='params', method=meth, fc=False, verbose=False, **kw)
+        assert n_params(out) <= 0.0065 * n_params(net) + 1
+        row = d.report.set_index('name').loc['0']
+        if meth == 'auto': assert row.status == 'decomposed' and row.method == 'cp' and tuple(row.ranks) == (4,), row
+        with torch.no_grad(): ref, got = net(x), out(x)
+        errs[meth if isinstance(meth, str) else 'no cp'] = ((got - ref).norm() / ref.norm()).item()
+    assert errs['auto'] < 1e-3 and errs['no cp'] > 0.1, errs
+
+
+def test_a_budget_refuses_cp_alone_and_takes_it_in_a_tuple():
+    "CP's ranks are weighed up to `curve_cap` only, so CP alone is refused; in a tuple the budget lands on its target."
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    for m in ('cp', ('cp',)):
+        with pytest.raises(ValueError, match="method='cp' alone"): decompose(model, method=m)
+    d = Budget_Decomposer()
+    out = d.decompose(model, budget=0.5, method=('cp', 'svd'), fc=False, verbose=False)
+    r = d.report[d.report.status == 'decomposed']
+    assert set(r.method) <= {'cp', 'svd'} and len(r) >= 2
+    assert abs(n_params(out) / n_params(model) - 0.5) < 0.02
+    assert out(torch.randn(2, 3, 8, 8)).shape == (2, 8, 8, 8)

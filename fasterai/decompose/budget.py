@@ -28,12 +28,12 @@ from .distributed import on_rank0
 from ..misc.bn_folding import BN_Folder
 
 # %% auto #0
-__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'WHITENED_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'KNEE_TOL',
-           'decompose', 'LayerPlan', 'auto_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers',
-           'check_budget_args', 'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note',
-           'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
-           'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple',
-           'latency_timer', 'latency_rows', 'Budget_Decomposer']
+__all__ = ['NS_PER_MS', 'AUTO_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'KNEE_TOL', 'decompose',
+           'LayerPlan', 'budget_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
+           'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates',
+           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
+           'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer',
+           'latency_rows', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
@@ -118,7 +118,8 @@ class LayerPlan:
     def ranks_at(self, lam, units, total):
         """Ranks kept at threshold `lam`: components whose energy share beats `lam` × their cost
         share (on multiples of `multiple`, rounded down)."""
-        return tuple(round_rank(clamp_rank(int((e >= lam * u / total).sum()), f), f, self.multiple)
+        # the leading run of components over the bar (a `curve_spectrum` ends in what is left past its last rank)
+        return tuple(round_rank(clamp_rank(int((e >= lam * u / total).cumprod(0).sum()), f), f, self.multiple)
                      for e, u, f in zip(self.energy, units, self.full))
 
     def choose(self, lam, units, total):
@@ -148,12 +149,12 @@ class LayerPlan:
         return out
 
 # %% ../../nbs/12_budget.ipynb #c007
-AUTO_METHODS = ('tucker', 'svd', 'spatial')
-WHITENED_METHODS = ('tucker', 'svd')        # the methods whose spectra `data=` whitens
+AUTO_METHODS = ('tucker', 'svd', 'spatial', 'cp')
 
-def auto_methods(data_aware: bool) -> tuple:
-    "The block types `method='auto'` weighs: all of `AUTO_METHODS`, or with data those whose spectra are whitened."
-    return WHITENED_METHODS if data_aware else AUTO_METHODS
+def budget_methods(method) -> tuple:
+    "The block types a budget weighs for the convs: `AUTO_METHODS` for 'auto', the methods of a tuple, or the one named."
+    if isinstance(method, str): return AUTO_METHODS if method == 'auto' else (method,)
+    return tuple(dict.fromkeys(method))
 
 class AutoPlan:
     "One conv layer with a `LayerPlan` per method: the allocation picks the method and ranks (or dense) at each threshold."
@@ -176,7 +177,21 @@ class AutoPlan:
     def shrinks(self, c): return self._p(c).shrinks(c[1])
     def runnable(self, c): return self._p(c).runnable(c[1])
     def method_ranks(self, c): return c
-    def grow(self, c): return [((c[0], r), g) for r, g in self._p(c).grow(c[1])]
+    def grow(self, c):
+        """The next-larger choices of `c`'s method (see `LayerPlan.grow`), and a switch to each other one-rank method at
+        its smallest rank (on the multiple) that loses less: a block at the top of its ranks (CP at `curve_cap`) can
+        still grow."""
+        out = [((c[0], r), g) for r, g in self._p(c).grow(c[1])]
+        lost = self._p(c).lost(c[1])
+        for m, p in self.plans.items():
+            if m == c[0] or len(p.full) != 1: continue
+            tail = p.energy[0].flip(0).cumsum(0).flip(0)          # tail[r]: the energy rank r leaves out
+            k, f = int((tail >= lost).sum()), p.full[0]
+            if k > f: continue
+            r = round_rank(k, f, p.multiple)
+            if r < k: r = next_rank(r, f, p.multiple)
+            if r is not None and p.lost((r,)) < lost: out.append(((m, (r,)), lost - p.lost((r,))))
+        return out
     def ms(self, c=None): return next(iter(self.plans.values())).ms() if c is None else self._p(c).ms(c[1])
     @property
     def latency(self): return next(iter(self.plans.values())).latency
@@ -256,21 +271,33 @@ def dense_macs(m, in_shape, calls=None, batch=None):
 def _budget_skip(m, base, method, owners, shared) -> str | None:
     "Why the global budget leaves layer `m` (an instance of `base`) dense, or None."
     lin = isinstance(m, nn.Linear)
-    # 'auto' takes what any of its methods takes, and channel SVD takes every conv another method does
-    why = skip_reason(m, base, owners, shared) or (None if lin else method_reason(m, 'svd' if method == 'auto' else method))
+    # several methods take what any of them takes
+    why = skip_reason(m, base, owners, shared)
+    if why is None and not lin:
+        whys = [method_reason(m, x) for x in budget_methods(method)]
+        why = None if None in whys else whys[0]
     if why is None and not lin and m.groups > 1:
         why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
     return why
 
-def _layer_spectra(name, m, method, spectra_fn=None) -> list:
-    "The spectra per rank slot of layer `m`: the whitened ones `spectra_fn` gives, else its weight's."
+def _layer_spectra(name, m, method, spectra_fn=None) -> tuple:
+    """The spectra per rank slot of layer `m` and the largest rank of each slot: the whitened ones `spectra_fn` gives,
+    else its weight's. A CP block (and a spatial split on data) has a `curve_spectrum` up to `curve_cap`."""
+    lin = isinstance(m, nn.Linear)
+    full = (min(m.weight.shape),) if lin else full_ranks(m, method)
     got = spectra_fn(name, m) if spectra_fn is not None else None
-    if isinstance(got, dict): got = got.get('svd' if isinstance(m, nn.Linear) else method)
-    if got is not None: return got
-    W = m.weight.detach()
-    W = W.to(work_dtype(W))
-    if isinstance(m, nn.Linear): return [spectrum(W)]
-    return [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
+    if isinstance(got, dict): got = got.get('svd' if lin else method)
+    if got is None:
+        W = m.weight.detach()
+        W = W.to(work_dtype(W))
+        if lin: got = [spectrum(W)]
+        elif method == 'cp':
+            rs = curve_ranks(curve_cap(m, 'cp'))
+            got = [curve_spectrum(float(W.double().pow(2).sum()), rs, cp_residuals(W, rs), rs[-1])]
+        else: got = [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
+    # past `curve_cap` (break-even on params, for CP also the larger channel count) no block is weighed
+    if not lin and method in CURVE_METHODS: full = (curve_cap(m, method),)
+    return got, full
 
 def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
     "What the model costs outside the plans: all its other params, or the MACs of the candidates left out."
@@ -290,7 +317,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     `on='latency'`), and the cost of everything else in the model; `skipped` (a
     list) gets (name, layer, reason) of the others. `calls` (name → the input shapes of every call,
     see `call_shapes`) counts the MACs of every call. `method='auto'` plans each conv with every
-    method of `auto_methods` that takes it (an `AutoPlan` when more than one does); `multiple`: see `round_rank`."""
+    method of `budget_methods` that takes it (an `AutoPlan` when more than one does); `multiple`: see `round_rank`."""
     calls, shapes = calls or {}, shapes or {}
     skipped = [] if skipped is None else skipped
     kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
@@ -300,12 +327,10 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
             if why: skipped.append((name, m, why)); continue
             lin = isinstance(m, nn.Linear)
-            meths = ([x for x in auto_methods(spectra_fn is not None) if method_reason(m, x) is None]
-                     if meth == 'auto' and not lin else [meth])
+            meths = ['svd'] if lin else [x for x in budget_methods(meth) if method_reason(m, x) is None]
             sub = []
             for mt in meths:
-                spec = _layer_spectra(name, m, mt, spectra_fn)
-                full = (min(m.weight.shape),) if lin else full_ranks(m, mt)
+                spec, full = _layer_spectra(name, m, mt, spectra_fn)
                 sub.append(LayerPlan(name, m, 'svd' if lin else mt, spec, full, shapes.get(name), on,
                                      compact=lin and compact, calls=calls.get(name), batch=batch,
                                      timer=timer, multiple=multiple))
@@ -324,8 +349,15 @@ def check_budget_args(model, budget, budget_on, method, input_shape, data, n_bat
     check_range('budget', budget, 0, 1, lo_closed=False, hi_closed=False)
     if budget_on not in BUDGET_ON:
         raise ValueError(f"budget_on must be one of {BUDGET_ON}, got {budget_on!r}")
-    if method not in ('svd', 'tucker', 'spatial', 'auto'):
-        raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial', 'auto') for a global budget, got {method!r}")
+    one = isinstance(method, str) and method in ('svd', 'tucker', 'spatial', 'auto')
+    some = isinstance(method, (tuple, list)) and len(method) > 0 and all(isinstance(x, str) and x in AUTO_METHODS for x in method)
+    if method == 'cp' or (some and set(method) == {'cp'}):
+        # its error curve stops at `curve_cap` (a quarter of a square layer's params): a budget would run out of rank
+        raise ValueError("method='cp' alone cannot take a global budget (CP ranks are weighed up to `curve_cap` only); "
+                         "use method='auto' or a tuple with 'cp' in it, or Conv_Decomposer(method='cp') for ranks of your own")
+    if not (one or some):
+        raise ValueError(f"method must be one of ('svd', 'tucker', 'spatial', 'auto'), or a tuple of some of {AUTO_METHODS} "
+                         f"for 'auto' among them, for a global budget; got {method!r}")
     if budget_on in ('macs', 'latency') and input_shape is None and data is None:
         what = 'to count MACs' if budget_on == 'macs' else 'to time the model at its input'
         raise ValueError(f"budget_on='{budget_on}' needs input_shape=(1, C, H, W) or data= ({what})")
@@ -620,7 +652,7 @@ class Budget_Decomposer:
     def decompose(self, model: nn.Module,
                   budget: float = 0.5,           # share of the params (or MACs) to keep
                   budget_on: str = 'params',     # 'params', or 'macs' (needs a sample input)
-                  method: str = 'svd',           # for convs: 'svd', 'tucker', 'spatial', or 'auto' (per layer)
+                  method='svd',                  # for convs: 'svd', 'tucker', 'spatial', or 'auto' (or a tuple of methods) per layer
                   conv: bool = True,             # decompose the convs
                   fc: bool = True,               # decompose the Linears
                   layers=None,                   # only these modules (and what they hold)

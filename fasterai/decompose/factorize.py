@@ -12,9 +12,10 @@ import torch
 import numpy as np
 
 # %% auto #0
-__all__ = ['work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd', 'spatial_svd', 'subspace_change',
-           'tucker2', 'tucker2_weight', 'cp_als', 'cp_sweeps', 'one_blas_thread', 'cp_factors', 'cp_weight',
-           'mode_matrices', 'spectrum', 'factorize_conv']
+__all__ = ['CP_WARM_SWEEPS', 'CP_SVD_START', 'work_dtype', 'gram', 'sym_eigh', 'leading_subspace', 'lowrank', 'channel_svd',
+           'spatial_svd', 'subspace_change', 'tucker2', 'tucker2_weight', 'cp_als', 'cp_sweeps', 'one_blas_thread',
+           'cp_factors', 'cp_weight', 'cp_residuals', 'mode_matrices', 'spectrum', 'curve_ranks', 'curve_spectrum',
+           'factorize_conv']
 
 # %% ../../nbs/00_factorize.ipynb #c005
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -179,7 +180,8 @@ def tucker2_weight(core, U_out, U_in, groups: int = 1):
 # %% ../../nbs/00_factorize.ipynb #c024
 def _cp_start(X, r, init, gen):
     """Starting factors: the leading left singular vectors of each unfolding (random columns past
-    its size), or random."""
+    its size), random, or the factors `init` holds (one d×r matrix per mode)."""
+    if not isinstance(init, str): return [f.to(X.dtype).clone() for f in init]
     facs = []
     for n, d in enumerate(X.shape):
         if init == 'svd':
@@ -291,10 +293,11 @@ def _bf16_gemm_ok():
     try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception: return False
 
-def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init: str = 'svd',
+def cp_als(X: torch.Tensor, r: int, n_iter: int = 25, tol: float = 1e-6, init='svd',
            seed: int = 0, beta: float = 0.9, low: bool | None = None):
     """CP-ALS of a tensor `X` (2 or more modes) with ‖X‖ = 1 at rank `r`, extrapolated by `beta` (0: plain
-    ALS): (weights, factors with unit columns, relative error) of the best of `n_iter` sweeps, in `X`'s
+    ALS), from `init` ('svd', 'random', or a list of starting factors, one per mode):
+    (weights, factors with unit columns, relative error) of the best of `n_iter` sweeps, in `X`'s
     dtype (float64 once a float32 fit is below 1e-2). Stops early when a sweep improves the error by less than
     `tol`. `low`: the two GEMMs of all but
     the last 2 sweeps in bfloat16 (default: for float32 tensors with ∏dims·r ≥ 2²⁶ on CPUs with native
@@ -426,6 +429,37 @@ def cp_weight(facs):
     return (facs[0] @ _khatri_rao(facs[1:], r, facs[0].dtype).T).reshape(*[f.shape[0] for f in facs])
 
 # %% ../../nbs/00_factorize.ipynb #c029
+CP_WARM_SWEEPS = 10      # sweeps of each smaller rank's fit in `cp_residuals`, from the one above's leading terms
+CP_SVD_START = 16        # up to this rank `cp_residuals` also fits from an SVD start (cheap there, and far from the top)
+
+def cp_residuals(W: torch.Tensor, ranks, metric=None, n_iter: int | None = None,
+                 warm: int | None = CP_WARM_SWEEPS) -> list:
+    """The squared error of a CP fit of conv weight `W` at each of `ranks`: ‖W − Ŵ‖², or `metric(W − Ŵ)` (of the
+    float64 error, on the CPU) when given. The largest rank is fitted as `cp_factors` fits it; each smaller one takes
+    `warm` sweeps from the leading terms (by weight) of the fit one rank up, and up to rank `CP_SVD_START` also `warm`
+    sweeps from an SVD start, keeping the better (`warm=None`: every rank fitted from scratch, as `cp_factors` would)."""
+    W64 = W.detach().to('cpu', torch.float64)
+    X = W.detach().to('cpu', work_dtype(W))
+    norm = float(torch.linalg.vector_norm(X, dtype=torch.float64))
+    cold = warm is None or norm == 0 or sum(d > 1 for d in X.shape) <= 2     # (a matrix: its SVD is cheap and exact)
+    out, prev = {}, None
+    for r in sorted(set(ranks), reverse=True):
+        facs = None
+        if not cold and prev is not None:
+            idx = math.prod(f.norm(dim=0) for f in prev).topk(r).indices
+            starts = ([f[:, idx] / (norm if i == 0 else 1) for i, f in enumerate(prev)],) + (('svd',) if r <= CP_SVD_START else ())
+            with one_blas_thread(): fits = [cp_als(X / norm, r, warm, init=s) for s in starts]
+            fits = [f for f in fits if f is not None]
+            if fits:
+                lam, facs, _ = min(fits, key=lambda f: f[2])
+                facs = [f.double() for f in facs]
+                facs[0] = facs[0] * (lam.double() * norm)
+        if facs is None: facs = _cp_fit(W, r, n_iter)[0]
+        prev, D = facs, W64 - cp_weight(facs)
+        out[r] = float(D.pow(2).sum()) if metric is None else float(metric(D))
+    return [out[r] for r in ranks]
+
+# %% ../../nbs/00_factorize.ipynb #c032
 def mode_matrices(W, method, groups=1):
     "Per rank slot, the matrices (one per group) whose spectra set that slot's rank."
     T, Sg, *k = W.shape
@@ -446,7 +480,38 @@ def spectrum(M):
     if M.numel() * M.shape[0] <= 2 ** 30: M = M.double()
     return leading_subspace(M, 0)[1]
 
-# %% ../../nbs/00_factorize.ipynb #c031
+def curve_ranks(top: int) -> list:
+    "The ranks an error curve is measured at, ascending: `top`, then halving down to 1, and every rank up to 4."
+    out = set(range(1, min(top, 4) + 1))
+    while top > 1: out.add(top); top //= 2
+    return sorted(out)
+
+def curve_spectrum(total: float, ranks, residuals, full: int) -> torch.Tensor:
+    """A spectrum (float64, `full` + 1 values) for a block whose squared error is known only at some ranks:
+    `residuals[i]` at `ranks[i]`, for a weight of squared norm `total`. Its squares summed from index r on give the
+    error at rank r: the known ones where the captured energy `total` − error is concave in the rank (else its
+    concave majorant, so the values never increase), linear in between; the last value holds what is left at `full`."""
+    pts = sorted(zip(ranks, residuals))
+    xs, cs = [0], [0.0]
+    for r, e in pts:
+        if r < 1 or r > full: continue
+        xs.append(r); cs.append(max(cs[-1], total - max(float(e), 0.0)))    # captured energy never falls with rank
+    if xs[-1] < full: xs.append(full); cs.append(cs[-1])
+    hull = []                                         # upper concave hull of (rank, captured)
+    for p in zip(xs, cs):
+        while len(hull) >= 2 and (hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) >= (p[0] - hull[-2][0]) * (hull[-1][1] - hull[-2][1]):
+            hull.pop()
+        hull.append(p)
+    hx = torch.tensor([h[0] for h in hull], dtype=torch.float64)
+    hy = torch.tensor([h[1] for h in hull], dtype=torch.float64)
+    r = torch.arange(full + 1, dtype=torch.float64)
+    i = torch.searchsorted(hx, r, right=True).clamp(1, len(hx) - 1)
+    t = (r - hx[i - 1]) / (hx[i] - hx[i - 1])
+    C = hy[i - 1] + t * (hy[i] - hy[i - 1])
+    inc = torch.cat([C.diff(), torch.tensor([max(total - float(C[-1]), 0.0)], dtype=torch.float64)])
+    return inc.clamp_min(0).sqrt()
+
+# %% ../../nbs/00_factorize.ipynb #c036
 def factorize_conv(W, method, ranks, groups=1, n_iter=10, tol=1e-4, cp_iter=None):
     "Factors of conv weight `W` for `method` at `ranks`, and the rebuilt weight."
     T = W.shape[0]

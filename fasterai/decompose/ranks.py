@@ -13,8 +13,8 @@ from .factorize import spectrum
 
 # %% auto #0
 __all__ = ['check_range', 'clamp_rank', 'rank_from_percent', 'rank_from_energy', 'round_rank', 'next_rank', 'kernel_multiple',
-           'evbmf_tau', 'evbmf_rank', 'calibrate_rank', 'conv_dims', 'cp_rank_bound', 'full_ranks', 'choose_ranks',
-           'check_explicit_rank']
+           'evbmf_tau', 'evbmf_rank', 'calibrate_rank', 'conv_dims', 'cp_rank_bound', 'full_ranks', 'curve_cap',
+           'choose_ranks', 'check_explicit_rank']
 
 # %% ../../nbs/02_ranks.ipynb #c005
 def _num(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
@@ -132,7 +132,16 @@ def full_ranks(conv, method):
         return (min(Sg * kh, Tg * kw),)
     return (max(1, (Sg * Tg * K) // (Sg + Tg + sum(conv.kernel_size))),)
 
-# %% ../../nbs/02_ranks.ipynb #c020
+def curve_cap(conv, method) -> int:
+    """The largest rank a budget weighs for a block whose error is fitted at a few ranks (CP, and the spatial split
+    on data; see `curve_spectrum`): below break-even on params, and for CP at most the larger channel count (a
+    fit's cost grows with its rank, and past it a CP block's error is rarely what wins the cost)."""
+    Sg, Tg, K = conv_dims(conv)
+    if method == 'cp': return max(1, min(full_ranks(conv, 'cp')[0], max(Sg, Tg)))
+    kh, kw = conv.kernel_size
+    return max(1, min(full_ranks(conv, method)[0], (Sg * Tg * K) // (Sg * kh + Tg * kw)))
+
+# %% ../../nbs/02_ranks.ipynb #c021
 def _slot_rank(slot, f, percent_removed, energy_threshold, rank, calibration):
     "The rank of one slot from the matrices of its groups (largest over groups)."
     if rank == 'vbmf':

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from .factorize import *
 from .whiten import *
-from .ranks import check_range
+from .ranks import check_range, curve_cap
 from .blocks import *
 from .batches import *
 from .distributed import reduce_stats
 
 # %% auto #0
-__all__ = ['conv_pads', 'conv_patches', 'layer_inputs', 'supports_stats', 'check_shrinkage', 'lw_shrinkage', 'shrink',
-           'InputStats', 'collect_stats', 'PairStats', 'collect_pair_stats', 'compensated_target', 'layer_stats',
-           'layer_target', 'whitened_spectra']
+__all__ = ['CURVE_METHODS', 'conv_pads', 'conv_patches', 'layer_inputs', 'supports_stats', 'check_shrinkage', 'lw_shrinkage',
+           'shrink', 'InputStats', 'collect_stats', 'PairStats', 'collect_pair_stats', 'compensated_target',
+           'layer_stats', 'layer_target', 'whitened_spectra']
 
 # %% ../../nbs/05_stats.ipynb #c005
 _PAD_MODES = dict(zeros='constant', reflect='reflect', replicate='replicate', circular='circular')
@@ -330,10 +330,13 @@ def _moment_bytes(m) -> int:
     d = m.in_channels // m.groups * math.prod(m.kernel_size)
     return 8 * m.groups * d * d
 
+CURVE_METHODS = ('spatial', 'cp')     # blocks whose data-aware error is fitted at a few ranks (`data_residuals`)
+
 def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', roots=None,
                      max_bytes: int = 2 ** 30):
-    """A function (name, layer) → spectra per rank slot of the whitened weight (output side; for
-    `method='auto'` a dict method → spectra);
+    """A function (name, layer) → spectra per rank slot of the whitened weight (output side), and for the spatial
+    split and CP a `curve_spectrum` of their output errors (`CURVE_METHODS`); for `method='auto'` a dict method →
+    spectra of every method that takes the conv (for a tuple of methods, of those);
     `roots` (name → (P, P⁻¹) or None, see `layer_out_roots`) adds the output weighting. Input
     moments are gathered for groups of layers holding at most `max_bytes` together (one calibration
     pass per group: one in all for most models; a segmentation head's 2048-channel 3×3 conv alone
@@ -353,22 +356,31 @@ def whitened_spectra(model, data, n_batches, method, cands, shrinkage='auto', ro
             group = {n: mods[n] for n in groups[group_of[name]] if n not in done}
             held.update(collect_stats(model, data, group, n_batches))
         return held.pop(name)
+    one = isinstance(method, str) and method != 'auto'          # one method (else 'auto' or a tuple of them)
+    def curve(m, S, c, P):
+        "A spatial split's or a CP block's spectrum from its output errors at a few ranks (`data_residuals`)."
+        cap = curve_cap(m, c)
+        total, res = data_residuals(m.weight, S, c, curve_ranks(cap), P)
+        return [curve_spectrum(total, curve_ranks(cap), res, cap)]
     def spectra(name, m, st):
-        if st is None or st.n == 0 or (not isinstance(m, nn.Linear) and method not in ('svd', 'tucker', 'auto')):
-            return None
+        if st is None or st.n == 0: return None
+        lin = isinstance(m, nn.Linear)
+        want = ('svd',) if lin else CURVE_METHODS + ('tucker', 'svd') if method == 'auto' else (method,) if one else tuple(method)
         W = m.weight.detach().double()
         P = roots(name) if roots is not None else None
-        if P is not None: W = apply_rows(P[0], W)
+        Wp = W if P is None else apply_rows(P[0], W)
         # ranks are read from the shrunk Σ̂
         S = st.estimate(shrinkage).to(W.device)
-        Wl = W.reshape(W.shape[0], -1) @ whitening(S)
-        if isinstance(m, nn.Linear) or method == 'svd': return [spectrum(Wl)]
-        Sc, K = W.shape[1], math.prod(W.shape[2:])
-        # channel second moment
-        C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)
-        out = [spectrum(Wl), spectrum(whitening(C).T @ mode_matrices(W, 'tucker', 1)[1][0])]
-        # 'auto': both methods' (their output sides are the same whitened weight)
-        return dict(svd=out[:1], tucker=out) if method == 'auto' else out
+        out = {c: curve(m, S, c, P) for c in CURVE_METHODS if c in want and method_reason(m, c) is None}
+        if 'svd' in want or 'tucker' in want:
+            out['svd'] = [spectrum(Wp.reshape(W.shape[0], -1) @ whitening(S))]
+        if 'tucker' in want:
+            Sc, K = W.shape[1], math.prod(W.shape[2:])
+            # channel second moment
+            C = S.reshape(Sc, K, Sc, K).diagonal(dim1=1, dim2=3).mean(-1)
+            # its output side is channel SVD's: the same whitened weight
+            out['tucker'] = out['svd'] + [spectrum(whitening(C).T @ mode_matrices(Wp, 'tucker', 1)[1][0])]
+        return out if not one and not lin else out.get('svd' if lin else method)
     def f(name, m):
         if name not in done:
             done[name] = spectra(name, m, stats_of(name)) if name in group_of else None

@@ -12,7 +12,7 @@ from .factorize import *
 
 # %% auto #0
 __all__ = ['whitening', 'unwhiten', 'apply_rows', 'whitened_lowrank', 'output_error', 'lowrank_weight_error', 'predicted_error',
-           'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'whitened_conv']
+           'whitened_channel_svd', 'whitened_tucker2', 'whitened_spatial', 'whitened_conv', 'data_residuals']
 
 # %% ../../nbs/01_whiten.ipynb #c006
 def whitening(sigma, ridge: float = 1e-6):
@@ -322,3 +322,19 @@ def whitened_conv(W, method, ranks, sigma, n_iter=10, tol=1e-4, out_root=None):
     # the last 1×1 conv takes any matrix
     U_out = back(U_out)
     return (core, U_out, U_in), tucker2_weight(core, U_out, U_in), info.get('error')
+
+# %% ../../nbs/01_whiten.ipynb #c037
+def data_residuals(W, sigma, method: str, ranks, out_root=None) -> tuple:
+    """(E‖P·W·x‖², [E‖P(W − Ŵ)x‖² at each of `ranks`]) for patches of second moment `sigma` (P = `out_root[0]`,
+    else I), where Ŵ is the `method` block's weight: 'spatial' (`whitened_spatial`) or 'cp' (`cp_residuals`)."""
+    if method not in ('spatial', 'cp'): raise ValueError(f"method must be 'spatial' or 'cp', got {method!r}")
+    Wd = W.detach().double()
+    Sg = sigma.detach().to(Wd.device, torch.float64)
+    def energy(D):
+        E = D.to(Wd.device)
+        if out_root is not None: E = apply_rows(out_root[0], E)
+        E = E.reshape(E.shape[0], -1)
+        return float(((E @ Sg) * E).sum())
+    total = energy(Wd)
+    if method == 'spatial': return total, [whitened_spatial(W, sigma, r, out_root)[2] ** 2 * total for r in ranks]
+    return total, cp_residuals(W, ranks, metric=energy)
