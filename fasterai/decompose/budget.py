@@ -29,11 +29,11 @@ from ..misc.bn_folding import BN_Folder
 
 # %% auto #0
 __all__ = ['NS_PER_MS', 'AUTO_METHODS', 'BUDGET_ON', 'BUDGET_OF', 'CALIBRATE_TOL', 'LATENCY_TOL', 'KNEE_TOL', 'decompose',
-           'LayerPlan', 'budget_methods', 'AutoPlan', 'allocate', 'dense_macs', 'plan_layers', 'check_budget_args',
-           'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note', 'budget_candidates',
-           'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation', 'run_decomposers',
-           'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple', 'latency_timer',
-           'latency_rows', 'Budget_Decomposer']
+           'LayerPlan', 'budget_methods', 'AutoPlan', 'allocate', 'dense_macs', 'cp_curve', 'plan_layers',
+           'check_budget_args', 'check_budget_of', 'dense_like', 'run_macs', 'block_costs', 'budget_of_note',
+           'budget_candidates', 'probe_shapes', 'layer_sensitivities', 'weigh_plans', 'check_plans', 'warn_allocation',
+           'run_decomposers', 'finish_budget', 'timing_input', 'as_latency_table', 'skeleton', 'check_rank_multiple',
+           'latency_timer', 'latency_rows', 'Budget_Decomposer']
 
 # %% ../../nbs/12_budget.ipynb #c005
 NS_PER_MS = 1e6      # latency costs are counted in nanoseconds (the allocation's smallest unit cost is 1)
@@ -280,9 +280,17 @@ def _budget_skip(m, base, method, owners, shared) -> str | None:
         why = 'grouped conv: the global budget leaves it dense (Conv_Decomposer decomposes it per group)'
     return why
 
-def _layer_spectra(name, m, method, spectra_fn=None) -> tuple:
+def cp_curve(conv) -> list:
+    "The spectra (one slot) of `conv`'s CP block: a `curve_spectrum` of its weight's CP errors up to `curve_cap`."
+    W = conv.weight.detach()
+    W = W.to(work_dtype(W))
+    rs = curve_ranks(curve_cap(conv, 'cp'))
+    return [curve_spectrum(float(W.double().pow(2).sum()), rs, cp_residuals(W, rs), rs[-1])]
+
+def _layer_spectra(name, m, method, spectra_fn=None, curves=None) -> tuple:
     """The spectra per rank slot of layer `m` and the largest rank of each slot: the whitened ones `spectra_fn` gives,
-    else its weight's. A CP block (and a spatial split on data) has a `curve_spectrum` up to `curve_cap`."""
+    else its weight's (for CP, `cp_curve`, or the one `curves` holds). A CP block (and a spatial split on data) has a
+    `curve_spectrum` up to `curve_cap`."""
     lin = isinstance(m, nn.Linear)
     full = (min(m.weight.shape),) if lin else full_ranks(m, method)
     got = spectra_fn(name, m) if spectra_fn is not None else None
@@ -291,9 +299,7 @@ def _layer_spectra(name, m, method, spectra_fn=None) -> tuple:
         W = m.weight.detach()
         W = W.to(work_dtype(W))
         if lin: got = [spectrum(W)]
-        elif method == 'cp':
-            rs = curve_ranks(curve_cap(m, 'cp'))
-            got = [curve_spectrum(float(W.double().pow(2).sum()), rs, cp_residuals(W, rs), rs[-1])]
+        elif method == 'cp': got = (curves or {}).get(name) or cp_curve(m)
         else: got = [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
     # past `curve_cap` (break-even on params, for CP also the larger channel count) no block is weighed
     if not lin and method in CURVE_METHODS: full = (curve_cap(m, method),)
@@ -310,6 +316,16 @@ def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
             fixed += dense_macs(m, shapes.get(name), calls.get(name), batch) or 0
     return fixed
 
+def _cp_curves(model, kinds, layers, exclude, owners, shared) -> dict:
+    "name → `cp_curve` of every conv a weight-only budget weighs as a CP block: CP-ALS fits, made side by side."
+    need = {}
+    for dec, meth in kinds:
+        if isinstance(dec, FC_Decomposer) or 'cp' not in budget_methods(meth): continue
+        for name, m in dec.candidates(model, layers, exclude)[0]:
+            base = next(k for k in dec.kinds if isinstance(m, k))
+            if _budget_skip(m, base, meth, owners, shared) is None and method_reason(m, 'cp') is None: need[name] = m
+    return side_by_side(cp_curve, need, model_device(model) or 'cpu')
+
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,
                 calls: dict | None = None, batch: int | None = None, timer=None, multiple: int = 1):
@@ -322,6 +338,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     skipped = [] if skipped is None else skipped
     kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
     owners, shared, plans = find_owners(model), shared_params(model), []
+    curves = _cp_curves(model, kinds, layers, exclude, owners, shared) if spectra_fn is None else {}
     for dec, meth in kinds:
         for name, m in dec.candidates(model, layers, exclude)[0]:
             why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
@@ -330,7 +347,7 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
             meths = ['svd'] if lin else [x for x in budget_methods(meth) if method_reason(m, x) is None]
             sub = []
             for mt in meths:
-                spec, full = _layer_spectra(name, m, mt, spectra_fn)
+                spec, full = _layer_spectra(name, m, mt, spectra_fn, curves)
                 sub.append(LayerPlan(name, m, 'svd' if lin else mt, spec, full, shapes.get(name), on,
                                      compact=lin and compact, calls=calls.get(name), batch=batch,
                                      timer=timer, multiple=multiple))

@@ -27,7 +27,7 @@ from .distributed import is_collective
 __all__ = ['SLOWER', 'UNCHECKED', 'NEVER_SLOWER', 'PARALLEL_LAYERS', 'REPORT_COLUMNS', 'TIMING_COLUMNS', 'DAMAGE_ERROR',
            'allow_autograd', 'check_names', 'layer_input', 'time_ms', 'time_pair', 'slower_reason', 'check_min_speedup',
            'other_runnable', 'machine_busy', 'calm_threads', 'layer_work', 'layer_workers', 'tidy_report',
-           'in_model_order', 'damage_note', 'warn_damage', 'Decomposer', 'check_rank_args']
+           'in_model_order', 'damage_note', 'warn_damage', 'side_by_side', 'Decomposer', 'check_rank_args']
 
 # %% ../../nbs/09_core.ipynb #c005
 def allow_autograd(f):
@@ -265,6 +265,19 @@ def _one_thread(f, *args):
     torch.set_num_threads(1)
     return f(*args)
 
+def side_by_side(f, layers: dict, device='cpu') -> dict:
+    """name → `f(layer)` for every layer of `layers` (name → module), on `layer_workers` threads of one intra-op
+    thread each, the costliest layers first (one after the other where `layer_workers` says 1)."""
+    workers = layer_workers(device, list(layers.values()))
+    if workers == 1: return {n: f(m) for n, m in layers.items()}
+    order = sorted(layers, key=lambda n: -layer_work(layers[n]))
+    with calm_threads(device, always=True), ThreadPoolExecutor(workers) as pool:
+        futs = {n: pool.submit(_one_thread, f, layers[n]) for n in order}
+        try: return {n: futs[n].result() for n in layers}
+        except BaseException:
+            for fu in futs.values(): fu.cancel()
+            raise
+
 def _swap_in(model, swaps):
     """Put the blocks of `swaps` ((name, block) pairs, made on a copy) into the caller's `model` at
     the same names."""
@@ -448,7 +461,7 @@ class Decomposer:
         if tb.notna().any(): s += f'; timed layers {tb.sum():.2f} ms → {ta.sum():.2f} ms'
         return s
 
-# %% ../../nbs/09_core.ipynb #c021
+# %% ../../nbs/09_core.ipynb #c023
 def check_rank_args(model, percent_removed, energy_threshold, ranks, rank, calibration,
                     input_shape):
     """Raise a ValueError (or TypeError) naming the argument unless the rank arguments of a
