@@ -100,6 +100,7 @@ for name in ARGS.models:
                     if 'folded_dense_ms' in d.latency:     # the dense model with its BatchNorms folded, in the call
                         r['folded_dense_share_in_call'] = d.latency['folded_dense_ms'] / d.latency['dense_ms']
                 r['decomposed'] = int((rep.status == 'decomposed').sum())
+                r['methods'] = {str(k): int(v) for k, v in rep[rep.status == 'decomposed'].method.value_counts().items()}
                 doc['rows'].append(r); save()
                 tgt = f"  latency {100 * ms / times[0]:.0f}% (target {100 * ARGS.budget:.0f}%)" if d is not None else ''
                 if 'uncut_share_in_call' in r: tgt += f", {100 * r['uncut_share_in_call']:.0f}% uncuttable"
