@@ -324,7 +324,7 @@ def _cp_curves(model, kinds, layers, exclude, owners, shared) -> dict:
         for name, m in dec.candidates(model, layers, exclude)[0]:
             base = next(k for k in dec.kinds if isinstance(m, k))
             if _budget_skip(m, base, meth, owners, shared) is None and method_reason(m, 'cp') is None: need[name] = m
-    return side_by_side(cp_curve, need, model_device(model) or 'cpu')
+    return side_by_side(lambda n, m: cp_curve(m), need, model_device(model) or 'cpu')
 
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,

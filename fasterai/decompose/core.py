@@ -266,13 +266,14 @@ def _one_thread(f, *args):
     return f(*args)
 
 def side_by_side(f, layers: dict, device='cpu') -> dict:
-    """name → `f(layer)` for every layer of `layers` (name → module), on `layer_workers` threads of one intra-op
-    thread each, the costliest layers first (one after the other where `layer_workers` says 1)."""
+    """name → `f(name, layer)` for every layer of `layers` (name → module), on `layer_workers` threads of one intra-op
+    thread each, the costliest layers first (one after the other where `layer_workers` says 1); an error is raised as
+    the layers in order would meet it."""
     workers = layer_workers(device, list(layers.values()))
-    if workers == 1: return {n: f(m) for n, m in layers.items()}
+    if workers == 1: return {n: f(n, m) for n, m in layers.items()}
     order = sorted(layers, key=lambda n: -layer_work(layers[n]))
     with calm_threads(device, always=True), ThreadPoolExecutor(workers) as pool:
-        futs = {n: pool.submit(_one_thread, f, layers[n]) for n in order}
+        futs = {n: pool.submit(_one_thread, f, n, layers[n]) for n in order}
         try: return {n: futs[n].result() for n in layers}
         except BaseException:
             for fu in futs.values(): fu.cancel()
@@ -367,8 +368,8 @@ class Decomposer:
         rows, swaps, damage = [_done_row(n, b) for n, b in done], [], []
         dev = model_device(work) or 'cpu'
         # layers whose blocks do not depend on the blocks before them are factored first, side by side
-        workers = layer_workers(dev, [m for _, m in cands]) if self.independent else 1
-        made = self._made_side_by_side(cands, plan_layer, work, owners, shared, calls, workers, dev) if workers > 1 else {}
+        make = lambda name, m: self._make_one(name, m, plan_layer, work, owners, shared, calls)
+        made = side_by_side(make, dict(cands), dev) if self.independent and layer_workers(dev, [m for _, m in cands]) > 1 else {}
         with calm_threads(dev):       # busy or not: read once per call
             for name, m in cands:
                 # made on every process (statistics are summed), rank 0's kept
@@ -391,18 +392,6 @@ class Decomposer:
         if verbose and len(self.report): print(self.summary(model if not inplace else None, result))
         return result
 
-    def _made_side_by_side(self, cands, plan_layer, work, owners, shared, calls, workers, dev) -> dict:
-        """name → `_make_one`'s (block, row) of every candidate, made by `workers` threads on one intra-op thread
-        each, the costliest layers first; an error is raised as the candidates in order would meet it."""
-        order = sorted(cands, key=lambda c: -layer_work(c[1]))
-        with calm_threads(dev, always=True), ThreadPoolExecutor(workers) as pool:
-            futs = {name: pool.submit(_one_thread, self._make_one, name, m, plan_layer, work, owners, shared, calls)
-                    for name, m in order}
-            try: return {name: futs[name].result() for name, _ in cands}
-            except BaseException:
-                for f in futs.values(): f.cancel()
-                raise
-
     def _make_one(self, name, m, plan_layer, work, owners, shared, calls):
         "The block for candidate `m` (None when it stays as it is) and its report row, before any timing."
         shapes = calls.get(name)
@@ -418,7 +407,7 @@ class Decomposer:
     def _plan_one(self, name, m, plan_layer, work, owners, shared, calls, batch, min_speedup, rank0=True,
                   made=None):
         """The block for candidate `m` (None when it stays as it is) and its report row (`made`: from
-        `_made_side_by_side`), timed against `m` with `min_speedup`."""
+        `_make_one` run `side_by_side`), timed against `m` with `min_speedup`."""
         block, row = made if made is not None else self._make_one(name, m, plan_layer, work, owners, shared, calls)
         shapes = calls.get(name)
         in_shape = shapes[0] if shapes else None
