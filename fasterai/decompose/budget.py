@@ -295,12 +295,11 @@ def _layer_spectra(name, m, method, spectra_fn=None, curves=None) -> tuple:
     full = (min(m.weight.shape),) if lin else full_ranks(m, method)
     got = spectra_fn(name, m) if spectra_fn is not None else None
     if isinstance(got, dict): got = got.get('svd' if lin else method)
+    if got is None and not lin and method == 'cp': got = (curves or {}).get(name) or cp_curve(m)
     if got is None:
         W = m.weight.detach()
         W = W.to(work_dtype(W))
-        if lin: got = [spectrum(W)]
-        elif method == 'cp': got = (curves or {}).get(name) or cp_curve(m)
-        else: got = [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
+        got = [spectrum(W)] if lin else [spectrum(M[0]) for M in mode_matrices(W, method, 1)]
     # past `curve_cap` (break-even on params, for CP also the larger channel count) no block is weighed
     if not lin and method in CURVE_METHODS: full = (curve_cap(m, method),)
     return got, full
@@ -316,16 +315,6 @@ def _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch):
             fixed += dense_macs(m, shapes.get(name), calls.get(name), batch) or 0
     return fixed
 
-def _cp_curves(model, kinds, layers, exclude, owners, shared) -> dict:
-    "name → `cp_curve` of every conv a weight-only budget weighs as a CP block: CP-ALS fits, made side by side."
-    need = {}
-    for dec, meth in kinds:
-        if isinstance(dec, FC_Decomposer) or 'cp' not in budget_methods(meth): continue
-        for name, m in dec.candidates(model, layers, exclude)[0]:
-            base = next(k for k in dec.kinds if isinstance(m, k))
-            if _budget_skip(m, base, meth, owners, shared) is None and method_reason(m, 'cp') is None: need[name] = m
-    return side_by_side(lambda n, m: cp_curve(m), need, model_device(model) or 'cpu')
-
 def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=None, spectra_fn=None,
                 layers=None, exclude=None, compact=False, skipped: list | None = None,
                 calls: dict | None = None, batch: int | None = None, timer=None, multiple: int = 1):
@@ -337,21 +326,24 @@ def plan_layers(model, method='svd', on='params', conv=True, fc=True, shapes=Non
     calls, shapes = calls or {}, shapes or {}
     skipped = [] if skipped is None else skipped
     kinds = ([(Conv_Decomposer(), method)] if conv else []) + ([(FC_Decomposer(), 'svd')] if fc else [])
-    owners, shared, plans = find_owners(model), shared_params(model), []
-    curves = _cp_curves(model, kinds, layers, exclude, owners, shared) if spectra_fn is None else {}
+    owners, shared, plans, todo = find_owners(model), shared_params(model), [], []
     for dec, meth in kinds:
         for name, m in dec.candidates(model, layers, exclude)[0]:
             why = _budget_skip(m, next(k for k in dec.kinds if isinstance(m, k)), meth, owners, shared)
             if why: skipped.append((name, m, why)); continue
             lin = isinstance(m, nn.Linear)
-            meths = ['svd'] if lin else [x for x in budget_methods(meth) if method_reason(m, x) is None]
-            sub = []
-            for mt in meths:
-                spec, full = _layer_spectra(name, m, mt, spectra_fn, curves)
-                sub.append(LayerPlan(name, m, 'svd' if lin else mt, spec, full, shapes.get(name), on,
-                                     compact=lin and compact, calls=calls.get(name), batch=batch,
-                                     timer=timer, multiple=multiple))
-            plans.append(sub[0] if len(sub) == 1 else AutoPlan(sub))
+            todo.append((name, m, ['svd'] if lin else [x for x in budget_methods(meth) if method_reason(m, x) is None]))
+    # weight-only CP error curves are CP-ALS fits: made side by side
+    need = {name: m for name, m, meths in todo if 'cp' in meths} if spectra_fn is None else {}
+    curves = side_by_side(lambda n, m: cp_curve(m), need, model_device(model) or 'cpu')
+    for name, m, meths in todo:
+        lin = isinstance(m, nn.Linear)
+        sub = []
+        for mt in meths:
+            spec, full = _layer_spectra(name, m, mt, spectra_fn, curves)
+            sub.append(LayerPlan(name, m, mt, spec, full, shapes.get(name), on, compact=lin and compact,
+                                 calls=calls.get(name), batch=batch, timer=timer, multiple=multiple))
+        plans.append(sub[0] if len(sub) == 1 else AutoPlan(sub))
     return plans, _fixed_cost(model, plans, kinds, on, layers, exclude, shapes, calls, batch)
 
 # %% ../../nbs/12_budget.ipynb #c011

@@ -442,20 +442,21 @@ def cp_residuals(W: torch.Tensor, ranks, metric=None, n_iter: int | None = None,
     X = W.detach().to('cpu', work_dtype(W))
     norm = float(torch.linalg.vector_norm(X, dtype=torch.float64))
     cold = warm is None or norm == 0 or sum(d > 1 for d in X.shape) <= 2     # (a matrix: its SVD is cheap and exact)
+    Xn = None if cold else X / norm
     out, prev = {}, None
     for r in sorted(set(ranks), reverse=True):
-        facs = None
-        if not cold and prev is not None:
+        fit = None
+        if prev is not None and not cold:
             idx = math.prod(f.norm(dim=0) for f in prev).topk(r).indices
             starts = ([f[:, idx] / (norm if i == 0 else 1) for i, f in enumerate(prev)],) + (('svd',) if r <= CP_SVD_START else ())
-            with one_blas_thread(): fits = [cp_als(X / norm, r, warm, init=s) for s in starts]
-            fits = [f for f in fits if f is not None]
+            with one_blas_thread(): fits = [f for f in (cp_als(Xn, r, warm, init=s) for s in starts) if f is not None]
             if fits:
                 lam, facs, _ = min(fits, key=lambda f: f[2])
                 facs = [f.double() for f in facs]
                 facs[0] = facs[0] * (lam.double() * norm)
-        if facs is None: facs = _cp_fit(W, r, n_iter)[0]
-        prev, D = facs, W64 - cp_weight(facs)
+                fit = facs, cp_weight(facs)
+        if fit is None: fit = _cp_fit(W, r, n_iter)[::2]
+        prev, D = fit[0], W64 - fit[1]
         out[r] = float(D.pow(2).sum()) if metric is None else float(metric(D))
     return [out[r] for r in ranks]
 
